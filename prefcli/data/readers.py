@@ -1,0 +1,131 @@
+"""Readers for user data: .txt, .jsonl, .json and .parquet; files, folders and globs.
+
+Every record carries where it came from, so a bad row is reported by file and
+line. Text is streamed: memory stays bounded however large the input.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Iterator
+
+from prefcli.errors import PrefcliError
+
+SUPPORTED = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def expand_inputs(specs: list[str | Path], option: str = "--input") -> list[Path]:
+    """Files, folders (searched recursively for supported files) and globs, in a stable order."""
+    files: list[Path] = []
+    for spec in specs:
+        spec_s = str(spec)
+        if any(c in spec_s for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(spec_s, recursive=True))
+            if not matches:
+                raise PrefcliError(f"{option}: no file matches '{spec_s}'", "check the pattern")
+            files += [m for m in matches if m.is_file()]
+            continue
+        path = Path(spec_s).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED)
+            if not found:
+                raise PrefcliError(f"{option}: folder {path} has no {', '.join(SUPPORTED)} files", "pass files of a supported kind")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise PrefcliError(f"{option}: input file {path} not found", "check the path")
+    for f in files:
+        if f.suffix not in SUPPORTED:
+            raise PrefcliError(f"{option}: {f} is not a supported file", f"use one of {', '.join(SUPPORTED)}")
+    return files
+
+
+def iter_txt_documents(path: Path) -> Iterator[str]:
+    """A .txt file is split into documents at blank lines (one or more empty lines)."""
+    lines: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                lines.append(line.rstrip("\n"))
+            elif lines:
+                yield "\n".join(lines)
+                lines = []
+    if lines:
+        yield "\n".join(lines)
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each row of a .jsonl, .json (a list, or {"data": [...]}) or .parquet file."""
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PrefcliError(f"{path}:{lineno}: not valid JSON ({e.msg})", "each line must be one JSON object")
+                if not isinstance(rec, dict):
+                    raise PrefcliError(f"{path}:{lineno}: expected a JSON object", "each line must be one JSON object")
+                yield lineno, rec
+    elif path.suffix == ".json":
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise PrefcliError(f"{path}:{e.lineno}: not valid JSON ({e.msg})", "fix the file")
+        rows = doc.get("data") if isinstance(doc, dict) else doc
+        if not isinstance(rows, list):
+            raise PrefcliError(f"{path}: expected a list of objects (or {{\"data\": [...]}})", "fix the file")
+        for i, rec in enumerate(rows, 1):
+            if not isinstance(rec, dict):
+                raise PrefcliError(f"{path}: item {i} is not a JSON object", "each item must be an object")
+            yield i, rec
+    elif path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise PrefcliError(f"{path}: reading parquet needs pyarrow", "pip install 'prefcli[parquet]'")
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                row += 1
+                yield row, rec
+    else:
+        raise PrefcliError(f"{path}: unsupported file type", f"use one of {', '.join(SUPPORTED)}")
+
+
+def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]:
+    """Documents from text files (split at blank lines) and records' `text_field`."""
+    for path in files:
+        if path.suffix == ".txt":
+            yield from iter_txt_documents(path)
+            continue
+        for lineno, rec in iter_records(path):
+            text = rec.get(text_field)
+            if not isinstance(text, str):
+                where = f"{path}:{lineno}" if path.suffix == ".jsonl" else f"{path}: row {lineno}"
+                raise PrefcliError(
+                    f"{where}: no string field '{text_field}'",
+                    "pass --text-field with the name of the field that holds the text",
+                )
+            if text.strip():
+                yield text
+
+
+def read_rows(specs: list[str | Path], required: tuple[str, ...] = (), option: str = "--data") -> list[dict]:
+    """All records of structured files, each checked for the `required` fields (file and line on error)."""
+    rows = []
+    for path in expand_inputs(specs, option):
+        if path.suffix == ".txt":
+            raise PrefcliError(f"{option}: {path} is plain text", "this stage needs .jsonl, .json or .parquet records")
+        for lineno, rec in iter_records(path):
+            missing = [k for k in required if k not in rec]
+            if missing:
+                raise PrefcliError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}", f"each row needs {', '.join(required)}")
+            rows.append(rec | {"_source": f"{path}:{lineno}"})
+    if not rows:
+        raise PrefcliError(f"{option}: {', '.join(map(str, specs))} holds no records", "pass a file with at least one row")
+    return rows
