@@ -206,9 +206,23 @@ class Workspace:
         finally:
             mine.unlink(missing_ok=True)
 
+    def check_root_writable(self) -> None:
+        """Fail early when the workspace (or the folder it would be made in) cannot be written."""
+        p = self.root.absolute()
+        while not p.exists():
+            p = p.parent
+        if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+            reason = "not a folder" if not p.is_dir() else "permission denied"
+            raise PrefcliError(
+                f"workspace {self.root} cannot be written ({p} is {reason})" if p != self.root.absolute()
+                else f"workspace {self.root} cannot be written ({reason})",
+                "pass --workspace DIR with a folder you can write to, or set PREFCLI_WORKSPACE",
+            )
+
     def check_writable(self, kind: str, name: str, overwrite: bool, option: str = "--out") -> Path:
         """Fail early (before any work) when `name` is taken and --overwrite was not given."""
         check_name(name, option)
+        self.check_root_writable()
         final = self.path(kind, name)
         if final.exists() and not overwrite:
             raise PrefcliError(
