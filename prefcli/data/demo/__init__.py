@@ -1,0 +1,14 @@
+"""The built-in demo data: the town of Millbrook, its splits and its gold judge.
+
+Everything is made by seeded Python code at call time (no downloads, no big
+files); see README.md beside this file for the world, the splits and the rules.
+"""
+
+from prefcli.data.demo.judge import ATTRIBUTES, is_good, judge, prompt_category
+from prefcli.data.demo.prompts import CATEGORIES
+from prefcli.data.demo.splits import (corpus_documents, eval_prompts, preference_pairs,
+                                      rl_prompts, sft_conversations, write_demo_files)
+
+__all__ = ["ATTRIBUTES", "CATEGORIES", "corpus_documents", "eval_prompts", "is_good", "judge",
+           "preference_pairs", "prompt_category", "rl_prompts", "sft_conversations",
+           "write_demo_files"]
