@@ -34,6 +34,19 @@ JSON_OPT = typer.Option(False, "--json", help="Print one JSON document on stdout
 OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace an existing artifact of the same name.")
 CONFIG_OPT = typer.Option(None, "--config", help="TOML file of options; command-line options win.")
 SEED_OPT = typer.Option(None, "--seed", help="Random seed.")
+DEVICE_OPT = typer.Option(None, "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+OUT_OPT = typer.Option(None, "--out", help="Name of the artifact to write.")
+# Training options, the same in every training stage.
+MAX_STEPS_OPT = typer.Option(None, "--max-steps", help="Optimizer steps to train.")
+EPOCHS_OPT = typer.Option(None, "--epochs", help="Passes over the data (when --max-steps is not given).")
+BATCH_OPT = typer.Option(None, "--batch-size", help="Examples per micro-batch (per process).")
+ACCUM_OPT = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step.")
+LR_OPT = typer.Option(None, "--lr", help="Peak learning rate (warmup, then cosine decay).")
+WARMUP_OPT = typer.Option(None, "--warmup", help="Warmup steps.")
+EVAL_EVERY_OPT = typer.Option(None, "--eval-every", help="Validate every N steps (and at the end).")
+SAVE_EVERY_OPT = typer.Option(None, "--save-every", help="Checkpoint every N steps (and at the end) into runs/<out>/checkpoints.")
+RESUME_OPT = typer.Option(False, "--resume", help="Continue the run runs/<out> from its last checkpoint.")
+COMPILE_OPT = typer.Option(False, "--compile", help="torch.compile the model.")
 
 
 def workspace() -> Workspace:
@@ -100,6 +113,50 @@ def tokenize(
         "train tokens": r["train_tokens"], "val tokens": r["val_tokens"],
         "chars per token": r["chars_per_token"], "vocabulary": r["vocab_size"], "seconds": r["seconds"],
     }))
+
+
+# ---------------------------------------------------------------- pretrain
+@app.command()
+def pretrain(
+    data: Optional[str] = typer.Option(None, "--data", help="Token dataset (default: corpus)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Continue pretraining this model (prefcli or HF folder) instead of starting from scratch."),
+    size: Optional[str] = typer.Option(None, "--size", help="Shape preset: tiny (~1M params), small (~5M), base (~25M), gpt2 (~124M). Default tiny."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Transformer blocks."),
+    dim: Optional[int] = typer.Option(None, "--dim", help="Hidden size."),
+    heads: Optional[int] = typer.Option(None, "--heads", help="Attention heads."),
+    kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="Key/value heads (grouped-query attention)."),
+    ffn_dim: Optional[int] = typer.Option(None, "--ffn-dim", help="MLP hidden size."),
+    context: Optional[int] = typer.Option(None, "--context", help="Context length in tokens."),
+    max_steps: Optional[int] = MAX_STEPS_OPT,
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Train on this many tokens (instead of --max-steps)."),
+    batch_size: Optional[int] = BATCH_OPT,
+    grad_accum: Optional[int] = ACCUM_OPT,
+    lr: Optional[float] = LR_OPT,
+    warmup: Optional[int] = WARMUP_OPT,
+    eval_every: Optional[int] = EVAL_EVERY_OPT,
+    save_every: Optional[int] = SAVE_EVERY_OPT,
+    resume: bool = RESUME_OPT,
+    compile: bool = COMPILE_OPT,
+    fsdp: bool = typer.Option(False, "--fsdp", help="Shard the model across processes (torchrun) with FSDP."),
+    seed: Optional[int] = SEED_OPT,
+    device: Optional[str] = DEVICE_OPT,
+    out: Optional[str] = OUT_OPT,
+    config: Optional[Path] = CONFIG_OPT,
+    overwrite: bool = OVERWRITE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Pretrain a base model on a token dataset (default: corpus -> models/base)."""
+    from prefcli.stages import pretrain as stage
+
+    cfg = build_config(stage.PretrainConfig, config, "pretrain", data=data, init=init, size=size, layers=layers, dim=dim,
+                       heads=heads, kv_heads=kv_heads, ffn_dim=ffn_dim, context=context, max_steps=max_steps,
+                       tokens=tokens, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
+                       eval_every=eval_every, save_every=save_every, resume=resume or None, compile=compile or None,
+                       fsdp=fsdp or None, seed=seed, device=device, out=out, overwrite=overwrite or None)
+    result = stage.run(cfg, workspace())
+    emit(result, as_json, lambda r: (summary_table(f"pretrain -> models/{r['model']}", {
+        k: r[k] for k in ("parameters", "steps", "tokens", "train_loss", "val_loss", "unigram_loss", "tokens_per_s", "seconds")
+    }), console.print(Text("sample: " + r["sample"]))))
 
 
 # ---------------------------------------------------------------- ls
