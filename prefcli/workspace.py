@@ -336,7 +336,9 @@ class Workspace:
         return rows
 
     def find(self, name: str) -> list[dict]:
-        return [r for r in self.artifacts() if r["name"] == name]
+        """Artifacts called `name`; a run folder counts only when nothing else has the name."""
+        rows = [r for r in self.artifacts() if r["name"] == name]
+        return [r for r in rows if r["kind"] != "runs"] or rows
 
     def lineage(self, kind: str, name: str, _seen=None) -> dict:
         """The artifact and its parents, recursively, back to the raw inputs."""
