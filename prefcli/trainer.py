@@ -1,0 +1,510 @@
+"""The one training loop every stage uses.
+
+A stage hands the Trainer three things:
+
+    loss_fn(model, batch) -> (loss, metrics)
+        `loss` is a scalar tensor, the mean loss of the micro-batch. `metrics` is a
+        dict of floats or scalar tensors to log (averaged over the micro-batches of a
+        step and over ranks); the key "tokens" is special: the number of tokens in
+        the micro-batch, summed (not averaged) for throughput. `model` is the model
+        as trained (DDP-wrapped and/or compiled), so call it, `model(...)`; reach for
+        attributes through `unwrap(model)`. Every rank must return the same keys.
+
+    batches(step, micro) -> batch
+        The micro-batch `micro` (0 <= micro < grad_accum) of optimizer step `step`
+        (0-based: the number of steps done before it). It must be a pure function of
+        (step, micro) and of the rank, so resuming from a checkpoint at step N just
+        continues with batches(N, 0): the data position *is* the step. Under torchrun
+        each rank must return its own share of the global batch:
+        `prefcli.distributed.batch_indices(step, micro, batch_size, grad_accum, n)`
+        gives this rank's example indices for you.
+
+    eval_fn(model) -> {"val_loss": ...}   (optional)
+        Run every `eval_every` steps and at the end, under torch.no_grad, with the
+        model in eval mode. It gets the bare model (not DDP/compiled). It runs on
+        every rank (under FSDP the forward needs them all); results are averaged
+        over ranks, so either evaluate everything on each rank or shard and let the
+        mean combine equal shards.
+
+Global batch = batch_size * grad_accum * world_size examples per optimizer step.
+
+Files in run_dir:
+    metrics.jsonl                one JSON line per logged step
+    checkpoints/step-NNNNNN/     model.safetensors, optimizer.safetensors,
+                                 rng.safetensors, state.json
+Checkpoints are written to a hidden temp folder and renamed into place, so a
+checkpoint folder exists whole or not at all. Only safetensors and JSON: no pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from prefcli import distributed as dist
+from prefcli.errors import PrefcliError
+from prefcli.progress import progress
+
+
+class TrainingDiverged(PrefcliError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int
+    batch_size: int  # examples per micro-batch, per rank
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: int = 0  # linear warmup steps
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 turns clipping off
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    fsdp: bool = False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" is CUDA, then MPS, then CPU. Under torchrun, CUDA means this rank's GPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PrefcliError(f"--device {name}: not a device", "use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PrefcliError(f"--device {name}: CUDA is not available here", "use --device cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda", dist.local_rank())
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PrefcliError(f"--device {name}: MPS is not available here", "use --device cpu or auto")
+    return device
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for 0-based step `step`: linear warmup over `warmup` steps
+    (lr * (step+1)/warmup), then a cosine from lr down to lr * min_lr_ratio, reached
+    at step max_steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    progress_ = (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0))) * (cfg.lr - min_lr)
+
+
+def steps_for_epochs(epochs: float, num_examples: int, batch_size: int, grad_accum: int = 1) -> int:
+    """Optimizer steps that cover `epochs` passes over `num_examples` at this world size."""
+    per_step = batch_size * grad_accum * dist.world_size()
+    return max(1, math.ceil(epochs * num_examples / per_step))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (dim >= 2); biases, norms and other
+    vectors are not decayed. Fused kernel on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **extra)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under torch.compile and DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints in run_dir, oldest first (temp folders are skipped)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step-*") if p.is_dir() and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+# ---- state <-> safetensors --------------------------------------------------------------
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, on rank 0's CPU
+_LOAD = StateDictOptions(full_state_dict=True)  # every rank reads the full tensors, keeps its shard
+
+
+def _saveable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two entries sharing memory (tied weights), as safetensors wants."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        if v.data_ptr() in seen and v.numel():
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    return out
+
+
+def _flatten_optimizer(osd: dict) -> dict[str, torch.Tensor]:
+    """{"state": {name: {"exp_avg": t, ...}}} -> {"exp_avg.<name>": t, ...}"""
+    flat = {}
+    for name, state in osd["state"].items():
+        for key, value in state.items():
+            flat[f"{key}.{name}"] = torch.as_tensor(value)
+    return flat
+
+
+def _unflatten_optimizer(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        kind, name = key.split(".", 1)
+        state.setdefault(name, {})[kind] = value
+    return state
+
+
+def _python_rng_to_json(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_json(data) -> tuple:
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)
+
+
+# ---- the loop ---------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        batches: Callable[[int, int], object],
+        cfg: TrainConfig,
+        run_dir: Path,
+        *,
+        eval_fn: Callable | None = None,
+        desc: str = "train",
+    ):
+        for option, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum)):
+            if value < 1:
+                raise PrefcliError(f"{option} {value}: must be at least 1")
+        self.cfg, self.loss_fn, self.batches, self.eval_fn, self.desc = cfg, loss_fn, batches, eval_fn, desc
+        self.run_dir = Path(run_dir)
+        dist.init_distributed()
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device)  # the bare module: what gets saved and evaluated
+        self.ddp = None
+        self.fsdp = cfg.fsdp and dist.world_size() > 1
+        trained: nn.Module = self.model
+        if self.fsdp:
+            _fully_shard(self.model, self.device)
+        elif dist.world_size() > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = trained = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.trained = torch.compile(trained) if cfg.compile else trained
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+            if self.device.type == "cuda"
+            else contextlib.nullcontext
+        )
+
+    # -- one optimizer step ---------------------------------------------------------------
+
+    def _step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses, tokens, sums = [], [], {}
+        for micro in range(cfg.grad_accum):
+            last = micro == cfg.grad_accum - 1
+            # Sync gradients across ranks only on the last micro-batch.
+            sync = contextlib.nullcontext()
+            if self.ddp is not None and not last:
+                sync = self.ddp.no_sync()
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            with sync:
+                with self.autocast():
+                    loss, metrics = self.loss_fn(self.trained, self.batches(step, micro))
+                (loss / cfg.grad_accum).backward()
+            losses.append(loss.detach().float())
+            for key, value in metrics.items():
+                value = torch.as_tensor(value, dtype=torch.float32, device=self.device).detach()
+                (tokens if key == "tokens" else sums.setdefault(key, [])).append(value)
+        # With clipping off (grad_clip 0) the norm is still measured, for the log and the NaN check.
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+        # One vector, one all-reduce, one device sync per step. (The norm is already global.)
+        keys = sorted(sums)
+        zero = torch.zeros((), device=self.device)
+        local = [torch.stack(losses).mean(), torch.stack(tokens).sum() if tokens else zero, norm.float()]
+        local += [torch.stack(sums[k]).mean() for k in keys]
+        values = dist.all_reduce_mean(torch.stack(local)).tolist()
+        out = {"loss": values[0], "tokens": values[1] * dist.world_size(), "lr": lr, "grad_norm": values[2]}
+        out.update(zip(keys, values[3:]))
+        for name in ("loss", "grad_norm"):
+            if not math.isfinite(out[name]):
+                kept = list_checkpoints(self.run_dir)
+                where = f"the last good checkpoint, {kept[-1].name}, is kept" if kept else "no checkpoint was written"
+                raise TrainingDiverged(
+                    f"training diverged: {name} is {out[name]} at step {step + 1} of {self.run_dir}",
+                    f"{where}; lower --lr, raise --warmup or check the data",
+                )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def _evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            metrics = self.eval_fn(self.model)
+        self.model.train()
+        keys = sorted(metrics)
+        if not keys:
+            return {}
+        values = dist.all_reduce_mean(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
+        return dict(zip(keys, values.tolist()))
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def train(self, resume: bool = False) -> dict:
+        """Train to cfg.max_steps (continuing from the last checkpoint when `resume`) and
+        return the final metrics: train_loss, val_loss (with an eval_fn), steps, tokens,
+        seconds, tokens_per_s."""
+        cfg = self.cfg
+        self.model.train()
+        if resume:
+            state = self._load_last()
+        else:
+            state = self._fresh_start()
+        start = state["step"]
+        if start >= cfg.max_steps:
+            return state["summary"]
+        tokens, seconds, window = state["tokens"], state["seconds"], state["window"]
+        summary = state["summary"]
+        clock = time.perf_counter() - seconds  # seconds since the run began, across resumes
+        with progress(cfg.max_steps, self.desc, unit="step", initial=start) as bar:
+            for step in range(start, cfg.max_steps):
+                out = self._step(step)
+                done = step + 1
+                tokens += out["tokens"]
+                seconds = time.perf_counter() - clock
+                _accumulate(window, out)
+                evaluated = {}
+                last = done == cfg.max_steps
+                if self.eval_fn is not None and (last or (cfg.eval_every and done % cfg.eval_every == 0)):
+                    evaluated = self._evaluate()
+                if last or done % max(1, cfg.log_every) == 0 or evaluated:
+                    line = _window_means(window, done, seconds, cfg.max_steps, out["lr"])
+                    line.update(tokens=tokens, **evaluated)
+                    self._log(line)
+                    summary = {**summary, "train_loss": line["loss"], **evaluated}
+                    bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{out['lr']:.2e}", tok_s=_si(line["tokens_per_s"]))
+                    window = _empty_window(seconds)
+                summary.update(steps=done, tokens=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9))
+                if last or (cfg.save_every and done % cfg.save_every == 0):
+                    self._save(done, tokens=tokens, seconds=seconds, window=window, summary=summary)
+                bar.update(1)
+        return summary
+
+    def _fresh_start(self) -> dict:
+        if list_checkpoints(self.run_dir):
+            raise PrefcliError(
+                f"{self.run_dir / 'checkpoints'} already holds checkpoints of an earlier run",
+                "pass --resume to continue it, or --overwrite to start again",
+            )
+        dist.barrier()  # every rank has looked before rank 0 writes
+        seed = self.cfg.seed + dist.rank()
+        random.seed(seed)
+        torch.manual_seed(seed)  # CPU and every CUDA device
+        if dist.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "metrics.jsonl").write_text("")
+        dist.barrier()
+        return {"step": 0, "tokens": 0.0, "seconds": 0.0, "window": _empty_window(0.0), "summary": {}}
+
+    def _log(self, line: dict) -> None:
+        if dist.is_main():
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def _save(self, step: int, **progress_state) -> None:
+        # Collectives first, on every rank: FSDP gathers full tensors, RNG states travel to rank 0.
+        model_sd = get_model_state_dict(self.model, options=_FULL)
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=_FULL)
+        rngs = dist.all_gather_bytes(json.dumps(_rng_state(self.device)).encode())
+        if dist.is_main():
+            folder = self.run_dir / "checkpoints"
+            final = folder / f"step-{step:06d}"
+            tmp = folder / f".tmp-step-{step:06d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(_saveable(model_sd), tmp / "model.safetensors")
+            save_file(_saveable(_flatten_optimizer(optim_sd)), tmp / "optimizer.safetensors")
+            per_rank = [json.loads(r) for r in rngs]
+            rng_tensors = {}
+            for r, rng in enumerate(per_rank):
+                for key, values in rng.pop("torch").items():
+                    rng_tensors[f"{key}.rank{r}"] = torch.tensor(values, dtype=torch.uint8)
+            save_file(rng_tensors, tmp / "rng.safetensors")
+            state = {
+                "step": step,
+                "lr_schedule": {"next_lr": lr_at(step, self.cfg), "warmup": self.cfg.warmup, "max_steps": self.cfg.max_steps, "min_lr_ratio": self.cfg.min_lr_ratio},
+                "config": asdict(self.cfg),
+                "world_size": dist.world_size(),
+                "python_random": [rng["python"] for rng in per_rank],
+                **progress_state,
+            }
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            for f in tmp.iterdir():  # on disk before the rename makes it visible
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.run_dir)[: -max(1, self.cfg.keep_checkpoints)]:
+                shutil.rmtree(old)
+        dist.barrier()
+
+    def _load_last(self) -> dict:
+        found = list_checkpoints(self.run_dir)
+        if not found:
+            raise PrefcliError(
+                f"nothing to resume: no checkpoint in {self.run_dir / 'checkpoints'}",
+                "run without --resume to start training, or set --save-every to write checkpoints",
+            )
+        folder = found[-1]
+        state = json.loads((folder / "state.json").read_text())
+        set_model_state_dict(self.model, load_file(folder / "model.safetensors"), options=_LOAD)
+        # Param groups (hyper-parameters) come from this optimizer, the state from the file.
+        names = {p: n for n, p in self.model.named_parameters()}
+        groups = [{**g, "params": [names[p] for p in g["params"]]} for g in self.optimizer.param_groups]
+        saved = _unflatten_optimizer(load_file(folder / "optimizer.safetensors"))
+        set_optimizer_state_dict(self.model, self.optimizer, {"state": saved, "param_groups": groups}, options=_LOAD)
+        # RNG: this rank's own state when the world size is unchanged, else rank 0's.
+        r = dist.rank() if state["world_size"] == dist.world_size() else 0
+        rng = load_file(folder / "rng.safetensors")
+        torch.set_rng_state(rng[f"cpu.rank{r}"])
+        if self.device.type == "cuda" and f"cuda.rank{r}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda.rank{r}"], self.device)
+        if self.device.type == "mps" and f"mps.rank{r}" in rng:
+            torch.mps.set_rng_state(rng[f"mps.rank{r}"])
+        random.setstate(_python_rng_from_json(state["python_random"][r]))
+        if dist.is_main():
+            _truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
+        dist.barrier()
+        return state
+
+
+def _fully_shard(model: nn.Module, device: torch.device) -> None:
+    """FSDP2: shard each block of every ModuleList (the transformer layers), then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # fully_shard keeps each rank's slice of the weights it is given: make them equal first.
+    for t in list(model.parameters()) + list(model.buffers()):
+        torch.distributed.broadcast(t.data, src=0)
+    mesh = init_device_mesh(device.type, (dist.world_size(),))
+    for blocks in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # FSDP2 warns about every module that returns a view (e.g. logits from a reshape);
+    # losses here do not modify model outputs in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
+
+
+def _rng_state(device: torch.device) -> dict:
+    torch_states = {"cpu": torch.get_rng_state().tolist()}
+    if device.type == "cuda":
+        torch_states["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    if device.type == "mps":
+        torch_states["mps"] = torch.mps.get_rng_state().tolist()
+    return {"torch": torch_states, "python": _python_rng_to_json(random.getstate())}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after `step` (and any line cut short by a kill)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+# ---- metric windows: means over the steps since the last logged line -------------------
+
+
+def _empty_window(seconds: float) -> dict:
+    return {"since": seconds, "steps": 0, "tokens": 0.0, "sums": {}}
+
+
+def _accumulate(window: dict, out: dict) -> None:
+    window["steps"] += 1
+    window["tokens"] += out["tokens"]
+    for key, value in out.items():
+        if key not in ("tokens", "lr"):
+            window["sums"][key] = window["sums"].get(key, 0.0) + value
+
+
+def _window_means(window: dict, step: int, seconds: float, max_steps: int, lr: float) -> dict:
+    n = max(1, window["steps"])
+    dt = max(seconds - window["since"], 1e-9)
+    means = {k: v / n for k, v in window["sums"].items()}
+    return {
+        "step": step,
+        "loss": means.pop("loss"),
+        "lr": lr,
+        "tokens_per_s": window["tokens"] / dt,
+        "elapsed": seconds,
+        "eta_s": (max_steps - step) * dt / n,
+        **means,
+    }
+
+
+def _si(x: float) -> str:
+    return f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
