@@ -159,6 +159,53 @@ def pretrain(
     }), console.print(Text("sample: " + r["sample"]))))
 
 
+# ---------------------------------------------------------------- align
+def _align_help() -> str:
+    from prefcli.stages.align import METHODS
+
+    lines = ["Align a policy: supervised fine-tuning, preference optimisation or online RL.", "", "Methods:"]
+    lines += [f"  {name:8s} {doc}" for name, (_, _, doc) in METHODS.items()]
+    return "\n".join(lines)
+
+
+@app.command(help=_align_help())
+def align(
+    method: str = typer.Option(..., "--method", "-m", help="Alignment method (see above)."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Training data files, folders or globs (default: the built-in demo set for the method)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Model to start from (sft: base; others: sft)."),
+    train_on_prompt: bool = typer.Option(False, "--train-on-prompt", help="sft: put the loss on every token, not only the assistant's."),
+    no_pack: bool = typer.Option(False, "--no-pack", help="sft: pad examples instead of packing them into full rows."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of the data held out for validation."),
+    max_steps: Optional[int] = MAX_STEPS_OPT,
+    epochs: Optional[float] = EPOCHS_OPT,
+    batch_size: Optional[int] = BATCH_OPT,
+    grad_accum: Optional[int] = ACCUM_OPT,
+    lr: Optional[float] = LR_OPT,
+    warmup: Optional[int] = WARMUP_OPT,
+    eval_every: Optional[int] = EVAL_EVERY_OPT,
+    save_every: Optional[int] = SAVE_EVERY_OPT,
+    resume: bool = RESUME_OPT,
+    compile: bool = COMPILE_OPT,
+    seed: Optional[int] = SEED_OPT,
+    device: Optional[str] = DEVICE_OPT,
+    out: Optional[str] = typer.Option(None, "--out", help="Name of the model to write (default: the method's name)."),
+    config: Optional[Path] = CONFIG_OPT,
+    overwrite: bool = OVERWRITE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    from prefcli.stages import align as stage
+
+    options = dict(data=data or None, policy=policy, train_on_prompt=train_on_prompt or None,
+                   pack=False if no_pack else None, val_fraction=val_fraction, max_steps=max_steps, epochs=epochs,
+                   batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, eval_every=eval_every,
+                   save_every=save_every, resume=resume or None, compile=compile or None, seed=seed, device=device,
+                   out=out, overwrite=overwrite or None)
+    result = stage.run(method, options, config, workspace())
+    emit(result, as_json, lambda r: summary_table(f"align {r['method']} -> models/{r['model']}", {
+        k: v for k, v in r.items() if k not in ("model", "method") and not isinstance(v, (dict, list))
+    }))
+
+
 # ---------------------------------------------------------------- ls
 def _human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):

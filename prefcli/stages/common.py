@@ -42,6 +42,15 @@ def load_model_artifact(ws: Workspace, ref: str, option: str, *, kind: str | Non
     return Loaded(model, tok, path, read_meta(path))
 
 
+def note(message: str) -> None:
+    """A warning or remark for the person at the terminal (stderr, main process only)."""
+    if dist.is_main():
+        from rich.console import Console
+        from rich.text import Text
+
+        Console(stderr=True).print(Text(message, style="yellow"), soft_wrap=True)
+
+
 def generation_config(tok: Tokenizer) -> dict:
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_ids(chat=True), "pad_token_id": tok.pad_id}
 

@@ -1,0 +1,43 @@
+"""`prefcli align --method M`: one entry point, one stage module per family of methods.
+
+The command line hands every option the user gave; this module picks the method's
+config class, refuses options that do not apply to it, and runs its stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from prefcli.config import build_config
+from prefcli.errors import PrefcliError
+from prefcli.workspace import Workspace
+
+# method -> (stage module, config class name, one line for --help)
+METHODS: dict[str, tuple[str, str, str]] = {
+    "sft": ("prefcli.stages.sft", "SFTConfig", "supervised fine-tuning on conversations (loss on assistant tokens)"),
+}
+
+
+def method_config(method: str):
+    if method not in METHODS:
+        raise PrefcliError(f"--method {method}: unknown method", f"choose one of {', '.join(METHODS)}")
+    module_name, class_name, _ = METHODS[method]
+    module = importlib.import_module(module_name)
+    return module, getattr(module, class_name)
+
+
+def run(method: str, options: dict, config_file, ws: Workspace) -> dict:
+    module, cls = method_config(method)
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in options.items() if v is not None}
+    wrong = sorted(k for k in given if k not in names)
+    if wrong:
+        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise PrefcliError(f"{flags}: does not apply to --method {method}", f"see `prefcli align --help` for what {method} takes")
+    if method != "sft" and "method" in names:
+        given["method"] = method
+    cfg = build_config(cls, config_file, "align", **given)
+    if getattr(cfg, "out", None) is None:
+        cfg.out = method
+    return module.run(cfg, ws)
