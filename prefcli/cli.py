@@ -163,8 +163,12 @@ def pretrain(
 def _align_help() -> str:
     from prefcli.stages.align import METHODS
 
-    lines = ["Align a policy: supervised fine-tuning, preference optimisation or online RL.", "", "Methods:"]
-    lines += [f"  {name:8s} {doc}" for name, (_, _, doc) in METHODS.items()]
+    lines = ["Align a policy: supervised fine-tuning, preference optimisation or online RL.", "", "\b", "Methods:"]
+    for name, (_, _, doc) in METHODS.items():
+        formula, _, paper = doc.partition("; ")
+        lines.append(f"  {name:7s} {formula}")
+        if paper:
+            lines.append(f"  {'':7s} {paper}")
     return "\n".join(lines)
 
 
@@ -176,6 +180,21 @@ def align(
     train_on_prompt: bool = typer.Option(False, "--train-on-prompt", help="sft: put the loss on every token, not only the assistant's."),
     no_pack: bool = typer.Option(False, "--no-pack", help="sft: pad examples instead of packing them into full rows."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of the data held out for validation."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Reference model (default: the policy's starting weights)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="The method's beta (default per method, e.g. 0.1 for dpo, 2.0 for simpo)."),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="dpo (conservative DPO) and robust: assumed share of flipped labels."),
+    simpo_gamma: Optional[float] = typer.Option(None, "--simpo-gamma", help="simpo: target reward margin gamma (default 0.5)."),
+    desirable_weight: Optional[float] = typer.Option(None, "--desirable-weight", help="kto: weight of desirable replies."),
+    undesirable_weight: Optional[float] = typer.Option(None, "--undesirable-weight", help="kto: weight of undesirable replies."),
+    rpo_alpha: Optional[float] = typer.Option(None, "--rpo-alpha", help="Add A x NLL of the chosen reply to the pair loss (RPO); keeps tiny models stable."),
+    pairs_from_policy: Optional[int] = typer.Option(None, "--pairs-from-policy", help="Build pairs from N policy samples per prompt: best vs worst by --judge-model / --reward-fn."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="With --pairs-from-policy: repeat sample, rank, train K times (iterative DPO)."),
+    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt rows (prompt or messages) to sample from (default: the built-in RL prompts)."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Use only the first N prompts."),
+    judge_model: Optional[list[str]] = typer.Option(None, "--judge-model", help="Reward model ranking the samples (NAME or NAME=WEIGHT; repeatable)."),
+    reward_fn: Optional[list[str]] = typer.Option(None, "--reward-fn", help="Reward function: demo (the gold judge) or MODULE:FUNCTION, optionally =WEIGHT; repeatable."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature for on-policy samples (default 1.0)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest sampled reply in tokens (default 64)."),
     max_steps: Optional[int] = MAX_STEPS_OPT,
     epochs: Optional[float] = EPOCHS_OPT,
     batch_size: Optional[int] = BATCH_OPT,
@@ -196,7 +215,11 @@ def align(
     from prefcli.stages import align as stage
 
     options = dict(data=data or None, policy=policy, train_on_prompt=train_on_prompt or None,
-                   pack=False if no_pack else None, val_fraction=val_fraction, max_steps=max_steps, epochs=epochs,
+                   pack=False if no_pack else None, val_fraction=val_fraction, reference=reference, beta=beta,
+                   label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, desirable_weight=desirable_weight,
+                   undesirable_weight=undesirable_weight, rpo_alpha=rpo_alpha, pairs_from_policy=pairs_from_policy,
+                   rounds=rounds, prompts=prompts or None, num_prompts=num_prompts, judge_model=judge_model or None,
+                   reward_fn=reward_fn or None, temperature=temperature, max_tokens=max_tokens, max_steps=max_steps, epochs=epochs,
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, eval_every=eval_every,
                    save_every=save_every, resume=resume or None, compile=compile or None, seed=seed, device=device,
                    out=out, overwrite=overwrite or None)
@@ -204,6 +227,99 @@ def align(
     emit(result, as_json, lambda r: summary_table(f"align {r['method']} -> models/{r['model']}", {
         k: v for k, v in r.items() if k not in ("model", "method") and not isinstance(v, (dict, list))
     }))
+
+
+# ---------------------------------------------------------------- reward
+reward_app = typer.Typer(help="Train reward models on preference pairs, and score replies with them.", no_args_is_help=True)
+app.add_typer(reward_app, name="reward")
+
+
+@reward_app.command("train")
+def reward_train(
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Preference pairs (prompt/chosen/rejected[/margin], strings or message lists; .jsonl/.json/.parquet). Default: the built-in demo pairs."),
+    base: Optional[str] = typer.Option(None, "--base", help="Backbone (default: sft if it exists, else base)."),
+    center_rewards: Optional[float] = typer.Option(None, "--center-rewards", help="Coefficient of the reward-centering term mean((r_c + r_r)^2)."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of pairs held out for validation (default 0.05)."),
+    max_steps: Optional[int] = MAX_STEPS_OPT,
+    epochs: Optional[float] = EPOCHS_OPT,
+    batch_size: Optional[int] = BATCH_OPT,
+    grad_accum: Optional[int] = ACCUM_OPT,
+    lr: Optional[float] = LR_OPT,
+    warmup: Optional[int] = WARMUP_OPT,
+    eval_every: Optional[int] = EVAL_EVERY_OPT,
+    save_every: Optional[int] = SAVE_EVERY_OPT,
+    resume: bool = RESUME_OPT,
+    compile: bool = COMPILE_OPT,
+    seed: Optional[int] = SEED_OPT,
+    device: Optional[str] = DEVICE_OPT,
+    out: Optional[str] = typer.Option(None, "--out", help="Name of the reward model (default: rm)."),
+    config: Optional[Path] = CONFIG_OPT,
+    overwrite: bool = OVERWRITE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Train a Bradley-Terry reward model: loss -log sigmoid(r_chosen - r_rejected - margin)."""
+    from prefcli.stages import reward as stage
+
+    cfg = build_config(stage.RewardConfig, config, "reward", data=data or None, base=base, center_rewards=center_rewards,
+                       val_fraction=val_fraction, max_steps=max_steps, epochs=epochs, batch_size=batch_size,
+                       grad_accum=grad_accum, lr=lr, warmup=warmup, eval_every=eval_every, save_every=save_every,
+                       resume=resume or None, compile=compile or None, seed=seed, device=device, out=out,
+                       overwrite=overwrite or None)
+    result = stage.run(cfg, workspace())
+    emit(result, as_json, lambda r: summary_table(f"reward train -> models/{r['model']}", {
+        k: v for k, v in r.items() if k != "model" and v is not None
+    }))
+
+
+@reward_app.command("score")
+def reward_score(
+    model: Optional[str] = typer.Option(None, "--model", help="Reward model (default: rm)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The prompt of one reply to score."),
+    response: Optional[str] = typer.Option(None, "--response", help="The reply to score."),
+    input: Optional[str] = typer.Option(None, "--input", "-i", help="Rows of prompt+response, or prompt+chosen+rejected."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the rows with their scores here as JSONL (default: stdout)."),
+    device: Optional[str] = DEVICE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Score replies with a reward model."""
+    from prefcli.stages import reward as stage
+
+    cfg = build_config(stage.ScoreConfig, None, None, model=model, prompt=prompt, response=response, input=input,
+                       output=output, device=device)
+    result = stage.score(cfg, workspace())
+    if as_json:
+        emit(result, True, lambda r: None)
+    elif output:
+        console.print(f"scored {len(result['rows'])} rows into {output}" + (f" (pair accuracy {result['accuracy']:.3f})" if "accuracy" in result else ""))
+    elif prompt is not None:
+        sys.stdout.write(f"{result['rows'][0]['score']:.4f}\n")
+    else:
+        sys.stdout.write("".join(json.dumps(r) + "\n" for r in result["rows"]))
+
+
+# ---------------------------------------------------------------- chat
+@app.command()
+def chat(
+    model: Optional[str] = typer.Option(None, "--model", help="Model to chat with: a workspace name or a folder (prefcli or HF). Default: the newest chat model (an aligned policy, else sft)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Print the reply to this one message on stdout and exit."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    raw: bool = typer.Option(False, "--raw", help="Plain text continuation without the chat template (base models)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature; 0 is greedy and repeatable (default 0.7)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass (default 0.9)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep only the k most likely tokens; 0 is off (default 0)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest reply in tokens (default 256)."),
+    seed: Optional[int] = SEED_OPT,
+    device: Optional[str] = DEVICE_OPT,
+    config: Optional[Path] = CONFIG_OPT,
+    as_json: bool = typer.Option(False, "--json", help="Print the conversation as JSON messages on stdout at the end."),
+) -> None:
+    """Chat with a model: a REPL on a terminal (/help), or --prompt / piped lines (one reply each) for scripts."""
+    from prefcli.stages import chat as stage
+
+    cfg = build_config(stage.ChatConfig, config, "chat", model=model, prompt=prompt, system=system, raw=raw or None,
+                       temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed,
+                       device=device)
+    stage.run(cfg, workspace(), as_json=as_json)
 
 
 # ---------------------------------------------------------------- ls

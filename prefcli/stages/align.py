@@ -17,6 +17,9 @@ from prefcli.workspace import Workspace
 METHODS: dict[str, tuple[str, str, str]] = {
     "sft": ("prefcli.stages.sft", "SFTConfig", "supervised fine-tuning on conversations (loss on assistant tokens)"),
 }
+for _name, _m in __import__("prefcli.objectives.preference", fromlist=["METHODS"]).METHODS.items():
+    _defaults = ", ".join(f"{k}={v}" for k, v in _m.defaults.items())
+    METHODS[_name] = ("prefcli.stages.preference", "PreferenceConfig", f"{_m.formula} [{_defaults}]; {_m.paper}")
 
 
 def method_config(method: str):

@@ -1,0 +1,431 @@
+"""`prefcli align --method dpo|ipo|hinge|robust|simpo|orpo|kto`: offline preference optimisation.
+
+Recipe: read pairs (or build them from the policy's own samples, ranked by a judge),
+compute the reference log-probs once (no gradients; kept with the run so a resume
+does not recompute them; the reference is then freed), train the policy on the
+method's loss with chosen and rejected in one forward pass, save models/<method>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prefcli import distributed as dist
+from prefcli.config import to_dict
+from prefcli.data.examples import Encoded, Pair, encode_completion, pad_batch, pair_from_row, prompt_from_row
+from prefcli.data.readers import read_rows
+from prefcli.errors import PrefcliError
+from prefcli.generate import generate
+from prefcli.model import Transformer
+from prefcli.objectives.lm import sequence_logprobs
+from prefcli.objectives.preference import METHODS, chosen_nll_loss, kto_loss, preference_loss
+from prefcli.rewards import build_rewards
+from prefcli.stages.common import load_model_artifact, note, prepare_run, save_model_artifact, train_config
+from prefcli.stages.sft import split_val
+from prefcli.tokenizer import Tokenizer
+from prefcli.trainer import Trainer, unwrap
+from prefcli.workspace import Workspace
+
+
+@dataclass
+class PreferenceConfig:
+    method: str = "dpo"
+    data: list[str] = field(default_factory=list)  # empty: the built-in demo pairs
+    policy: str = "sft"
+    reference: str | None = None  # default: the policy's starting weights
+    out: str | None = None
+    beta: float | None = None  # None: the method's default
+    label_smoothing: float | None = None
+    simpo_gamma: float | None = None
+    desirable_weight: float | None = None
+    undesirable_weight: float | None = None
+    rpo_alpha: float = 0.0
+    # On-policy pairs: N samples per prompt, best vs worst by a judge; repeated for `rounds`.
+    pairs_from_policy: int = 0
+    rounds: int = 1
+    prompts: list[str] = field(default_factory=list)  # default: the built-in RL prompts
+    num_prompts: int | None = None
+    judge_model: list[str] = field(default_factory=list)
+    reward_fn: list[str] = field(default_factory=list)
+    temperature: float = 1.0
+    max_tokens: int = 64
+    val_fraction: float = 0.05
+    max_steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    eval_every: int = 0
+    save_every: int = 100
+    resume: bool = False
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+
+
+DEFAULT_STEPS = 120
+_OPTION_NAMES = ("label_smoothing", "simpo_gamma", "desirable_weight", "undesirable_weight")
+
+
+def method_options(cfg: PreferenceConfig) -> dict:
+    """The loss options the user set, checked against what the method takes."""
+    spec = METHODS[cfg.method]
+    given = {k: getattr(cfg, k) for k in _OPTION_NAMES if getattr(cfg, k) is not None}
+    for k in given:
+        if k not in spec.defaults:
+            raise PrefcliError(f"--{k.replace('_', '-')}: does not apply to --method {cfg.method}",
+                               f"{cfg.method} takes: {', '.join('--' + o.replace('_', '-') for o in spec.defaults)}")
+    return given
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class Item:
+    """One training example: a pair (chosen, rejected), or for KTO one reply with its label."""
+
+    chosen: Encoded
+    rejected: Encoded | None = None
+    desirable: bool = True
+    kl: Encoded | None = None  # KTO: this prompt with another example's reply
+
+
+def read_items(cfg: PreferenceConfig, tok: Tokenizer, context: int) -> tuple[list[Item], list[dict]]:
+    paired = METHODS[cfg.method].paired
+    if not cfg.data:
+        from prefcli.data import demo
+
+        pairs = [pair_from_row(r) for r in demo.preference_pairs("train")]
+        return items_from_pairs(pairs, tok, context, paired), [{"kind": "input", "name": "demo preference pairs (built-in)"}]
+    rows = read_rows(cfg.data, option="--data")
+    inputs = [{"kind": "input", "path": str(p)} for p in cfg.data]
+    if all("chosen" in r and "rejected" in r for r in rows):
+        return items_from_pairs([pair_from_row(r) for r in rows], tok, context, paired), inputs
+    if paired:
+        bad = next(r for r in rows if "chosen" not in r or "rejected" not in r)
+        raise PrefcliError(f"{bad['_source']}: --method {cfg.method} needs 'chosen' and 'rejected'",
+                           "use pairs, or --method kto for prompt/completion/label rows")
+    items = []
+    for r in rows:
+        if "completion" not in r or not isinstance(r.get("label"), bool):
+            raise PrefcliError(f"{r['_source']}: KTO rows need 'prompt', 'completion' and a true/false 'label'", "fix the row")
+        prompt = prompt_from_row(r)
+        reply = [{"role": "assistant", "content": r["completion"]}] if isinstance(r["completion"], str) else r["completion"]
+        items.append(Item(encode_completion(tok, prompt, reply, context), desirable=r["label"]))
+    _add_kl_examples(items, tok, context, [prompt_from_row(r) for r in rows],
+                     [[{"role": "assistant", "content": r["completion"]}] if isinstance(r["completion"], str) else r["completion"] for r in rows])
+    return items, inputs
+
+
+def items_from_pairs(pairs: list[Pair], tok: Tokenizer, context: int, paired: bool) -> list[Item]:
+    if paired:
+        return [Item(encode_completion(tok, p.prompt, p.chosen, context), encode_completion(tok, p.prompt, p.rejected, context)) for p in pairs]
+    # KTO on paired data: each pair gives one desirable and one undesirable reply.
+    items, prompts, replies = [], [], []
+    for p in pairs:
+        for reply, good in ((p.chosen, True), (p.rejected, False)):
+            items.append(Item(encode_completion(tok, p.prompt, reply, context), desirable=good))
+            prompts.append(p.prompt)
+            replies.append(reply)
+    _add_kl_examples(items, tok, context, prompts, replies)
+    return items
+
+
+def _add_kl_examples(items: list[Item], tok: Tokenizer, context: int, prompts, replies) -> None:
+    """KTO's KL estimate uses mismatched examples: prompt i with the reply of example i+1."""
+    n = len(items)
+    for i, item in enumerate(items):
+        item.kl = encode_completion(tok, prompts[i], replies[(i + 1) % n], context)
+
+
+# ---------------------------------------------------------------- log-probs
+def _encodings(items: list[Item]) -> list[Encoded]:
+    """Every sequence the loss needs, in a fixed order: chosen, rejected (or kl) per item."""
+    out = []
+    for it in items:
+        out.append(it.chosen)
+        out.append(it.rejected if it.rejected is not None else it.kl)
+    return out
+
+
+@torch.no_grad()
+def sequence_logps(model: Transformer, encs: list[Encoded], pad_id: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each sequence's target tokens, and the token counts; no gradients."""
+    logps, counts = [], []
+    model.eval()
+    for i in range(0, len(encs), batch_size):
+        b = pad_batch(encs[i : i + batch_size], pad_id)
+        ids = b["input_ids"].to(device)
+        logits = model(ids, attention_mask=b["attention_mask"].to(device))
+        lp, n = sequence_logprobs(logits, ids, b["loss_mask"].to(device))
+        logps.append(lp.float().cpu())
+        counts.append(n.cpu())
+    return torch.cat(logps), torch.cat(counts)
+
+
+def reference_logps(model: Transformer, items: list[Item], pad_id: int, batch_size: int, device, cache: Path) -> torch.Tensor:
+    """Reference log-probs [2N] (chosen, rejected/kl per item), cached in the run folder."""
+    encs = _encodings(items)
+    h = hashlib.sha256()
+    for e in encs:
+        h.update(json.dumps([e.ids, e.mask]).encode())
+    fingerprint = h.hexdigest()
+    if cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == fingerprint:
+                return f.get_tensor("logps")
+    logps, _ = sequence_logps(model, encs, pad_id, batch_size, device)
+    if dist.is_main():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        save_file({"logps": logps.contiguous()}, str(tmp), metadata={"fingerprint": fingerprint})
+        tmp.replace(cache)
+    return logps
+
+
+# ---------------------------------------------------------------- on-policy pairs
+def policy_pairs(model: Transformer, tok: Tokenizer, prompts: list[list[dict]], n: int, rewards, cfg: PreferenceConfig,
+                 device, seed: int) -> tuple[list[Pair], dict]:
+    """N samples per prompt from the policy; the best and worst (by the judge) become a pair."""
+    pairs, gaps, skipped = [], [], 0
+    stop = tok.stop_ids(chat=True)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    chunk = max(1, 64 // n)
+    for i in range(0, len(prompts), chunk):
+        group = prompts[i : i + chunk]
+        ids = [tok.chat_ids(p, add_generation_prompt=True) for p in group for _ in range(n)]
+        outs = generate(model, ids, max_new_tokens=cfg.max_tokens, temperature=cfg.temperature, stop_ids=stop,
+                        pad_id=tok.pad_id, seed=gen)
+        replies = [tok.decode(o.tokens) for o in outs]
+        scores, _ = rewards([p for p in group for _ in range(n)], replies)
+        for j, prompt in enumerate(group):
+            s = scores[j * n : (j + 1) * n]
+            r = replies[j * n : (j + 1) * n]
+            best, worst = max(range(n), key=s.__getitem__), min(range(n), key=s.__getitem__)
+            if s[best] == s[worst]:
+                skipped += 1  # no preference signal in this group
+                continue
+            pairs.append(Pair(prompt, [{"role": "assistant", "content": r[best]}], [{"role": "assistant", "content": r[worst]}]))
+            gaps.append(s[best] - s[worst])
+    stats = {"pairs": len(pairs), "prompts_without_signal": skipped,
+             "mean_score_gap": round(sum(gaps) / max(1, len(gaps)), 4)}
+    return pairs, stats
+
+
+def _prompts(cfg: PreferenceConfig) -> list[list[dict]]:
+    if cfg.prompts:
+        prompts = [prompt_from_row(r) for r in read_rows(cfg.prompts, option="--prompts")]
+    else:
+        from prefcli.data import demo
+
+        prompts = [[{"role": "user", "content": r["prompt"]}] for r in demo.rl_prompts()]
+    return prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
+
+
+# ---------------------------------------------------------------- training
+def _heldout_items(cfg: PreferenceConfig, tok: Tokenizer, context: int, val: list[Item]) -> list[Item]:
+    """Pairs to report accuracy on: the demo's held-out pairs when training on demo data, else the val split."""
+    if not cfg.data:
+        from prefcli.data import demo
+
+        return items_from_pairs([pair_from_row(r) for r in demo.preference_pairs("heldout")], tok, context, True)
+    return [it for it in val if it.rejected is not None]
+
+
+def pair_accuracy(model: Transformer, ref_model: Transformer | None, items: list[Item], pad: int, batch: int, device,
+                  needs_reference: bool, ref_logps: torch.Tensor | None = None) -> float:
+    """Share of pairs whose implicit reward prefers chosen: log-ratios (or avg log-probs without a reference)."""
+    if not items:
+        return float("nan")
+    encs = _encodings(items)
+    lp, n = sequence_logps(model, encs, pad, batch, device)
+    if needs_reference:
+        ref = ref_logps if ref_logps is not None else sequence_logps(ref_model, encs, pad, batch, device)[0]
+        margin = (lp[0::2] - ref[0::2]) - (lp[1::2] - ref[1::2])
+    else:
+        avg = lp / n.clamp(min=1)
+        margin = avg[0::2] - avg[1::2]
+    return round(float((margin > 0).float().mean()), 4)
+
+
+def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
+    t0 = time.time()
+    if cfg.method not in METHODS:
+        raise PrefcliError(f"--method {cfg.method}: unknown preference method", f"choose one of {', '.join(METHODS)}")
+    spec = METHODS[cfg.method]
+    opts = method_options(cfg)
+    beta = cfg.beta if cfg.beta is not None else spec.defaults["beta"]
+    if cfg.rounds < 1 or cfg.pairs_from_policy < 0:
+        raise PrefcliError("--rounds must be at least 1 and --pairs-from-policy at least 0")
+    if cfg.rounds > 1 and not cfg.pairs_from_policy:
+        raise PrefcliError("--rounds needs --pairs-from-policy N", "iterative DPO samples new pairs each round")
+    if cfg.pairs_from_policy == 1:
+        raise PrefcliError("--pairs-from-policy 1: a pair needs at least 2 samples per prompt", "use 4 or more")
+    policy = load_model_artifact(ws, cfg.policy, "--policy", kind="causal_lm")
+    model, tok = policy.model, policy.tokenizer
+    if not tok.has_chat_template:
+        raise PrefcliError(f"--policy: {policy.path} has no chat template", "align an SFT model (prefcli align --method sft)")
+    context = model.config.max_position_embeddings
+    parents = [policy.parent()]
+    rewards = None
+    if cfg.pairs_from_policy:
+        rewards = build_rewards(ws, cfg.judge_model, cfg.reward_fn, "cpu", model_option="--judge-model")
+        parents += rewards.parents
+        prompts = _prompts(cfg)
+        inputs = [{"kind": "input", "name": "on-policy pairs"}]
+    else:
+        items, inputs = read_items(cfg, tok, context)
+    parents += inputs
+    ref_model = None
+    if cfg.reference:
+        if not spec.needs_reference:
+            raise PrefcliError(f"--reference: --method {cfg.method} uses no reference model", "leave --reference out")
+        ref_loaded = load_model_artifact(ws, cfg.reference, "--reference", kind="causal_lm")
+        if ref_loaded.tokenizer.hf.to_str() != tok.hf.to_str():
+            raise PrefcliError(f"--reference: {ref_loaded.path} uses a different tokenizer from the policy", "pick a reference made from the same base")
+        ref_model = ref_loaded.model
+        parents.append(ref_loaded.parent())
+    out = cfg.out or cfg.method
+    ws.check_writable("models", out, cfg.overwrite or cfg.resume)
+    root_run = prepare_run(ws, out, resume=cfg.resume, overwrite=cfg.overwrite) if cfg.rounds == 1 else _prepare_rounds(ws, out, cfg)
+    summary, round_stats = {}, []
+    trainer = None
+    for rnd in range(1, cfg.rounds + 1):
+        run_dir = root_run if cfg.rounds == 1 else root_run / f"round-{rnd}"
+        device = trainer.device if trainer else _device(cfg)
+        if cfg.pairs_from_policy:
+            pairs, stats = _round_pairs(run_dir, model.to(device), tok, prompts, rewards, cfg, device, rnd)
+            round_stats.append({"round": rnd, **stats})
+            if not pairs:
+                raise PrefcliError("--pairs-from-policy: every prompt's samples scored the same; no pair to learn from",
+                                   "sample more replies per prompt, raise --temperature, or use another judge")
+            items = items_from_pairs(pairs, tok, context, spec.paired)
+        train, val = split_val(items, cfg.val_fraction if cfg.data or cfg.pairs_from_policy else 0.0, cfg.seed)
+        ref_logps = None
+        if spec.needs_reference:
+            ref = (ref_model or model).to(device)
+            ref_logps = reference_logps(ref, train, tok.pad_id, cfg.batch_size, device, run_dir / "reference_logps.safetensors")
+        if ref_model is not None:
+            ref_model.cpu()  # off the device while the policy trains
+        tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
+        trainer = Trainer(model, _loss_fn(cfg, spec, beta, opts, train, ref_logps, tok.pad_id, lambda: trainer.device),
+                          _batches(cfg, train), tcfg, run_dir, desc=f"{cfg.method} {out}" + (f" round {rnd}" if cfg.rounds > 1 else ""))
+        resume_round = cfg.resume and bool(_checkpoints(run_dir))
+        summary = trainer.train(resume=resume_round)
+        model = unwrap(trainer.model)
+    device = trainer.device
+    heldout = _heldout_items(cfg, tok, context, val)
+    start = None
+    if spec.needs_reference:  # implicit rewards are log-ratios against the starting weights
+        start = (ref_model or load_model_artifact(ws, cfg.policy, "--policy", kind="causal_lm").model).to(device)
+    acc = pair_accuracy(model, start, heldout, tok.pad_id, cfg.batch_size, device, spec.needs_reference)
+    del start
+    metrics = {
+        "train_loss": round(summary.get("train_loss", float("nan")), 4),
+        "heldout_accuracy": acc,
+        "heldout_pairs": len(heldout),
+        "pairs": len(train),
+        "steps": summary.get("steps"),
+        **{k: round(v, 4) for k, v in summary.items() if k.startswith(("rewards/", "logps/"))},
+    }
+    config = to_dict(cfg) | {"beta": beta, **opts}
+    save_model_artifact(ws, out, model.float().cpu(), policy.path, kind="causal_lm", stage=f"align {cfg.method}",
+                        config=config, parents=parents, metrics=metrics, overwrite=cfg.overwrite or cfg.resume, chat=True,
+                        extra_meta={"rounds": round_stats} if round_stats else None)
+    dist.barrier()
+    result = {"model": out, "method": cfg.method, **metrics, "seconds": round(time.time() - t0, 1)}
+    if round_stats:
+        result["rounds"] = round_stats
+    return result
+
+
+def _device(cfg: PreferenceConfig):
+    from prefcli.trainer import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+def _checkpoints(run_dir: Path) -> list:
+    from prefcli.trainer import list_checkpoints
+
+    return list_checkpoints(run_dir)
+
+
+def _prepare_rounds(ws: Workspace, out: str, cfg: PreferenceConfig) -> Path:
+    run_dir = ws.folder("runs") / out
+    if cfg.resume:
+        if not run_dir.exists():
+            raise PrefcliError(f"--resume: {run_dir} has no checkpoint to resume from", "run without --resume to start a new run")
+        return run_dir
+    return prepare_run(ws, out, resume=False, overwrite=cfg.overwrite)
+
+
+def _round_pairs(run_dir: Path, model, tok, prompts, rewards, cfg, device, rnd) -> tuple[list[Pair], dict]:
+    """This round's on-policy pairs, saved as JSONL in the run folder (a resumed round reuses them)."""
+    path = run_dir / "pairs.jsonl"
+    if cfg.resume and path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        stats = json.loads((run_dir / "pairs_stats.json").read_text())
+        return [pair_from_row(r) for r in rows], stats
+    pairs, stats = policy_pairs(model, tok, prompts, cfg.pairs_from_policy, rewards, cfg, device, cfg.seed + rnd)
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n" for p in pairs))
+        (run_dir / "pairs_stats.json").write_text(json.dumps(stats))
+    return pairs, stats
+
+
+def _batches(cfg: PreferenceConfig, train: list[Item]):
+    from prefcli.distributed import batch_indices
+
+    def batches(step: int, micro: int) -> list[int]:
+        return batch_indices(step, micro, cfg.batch_size, cfg.grad_accum, len(train), seed=cfg.seed)
+
+    return batches
+
+
+def _loss_fn(cfg: PreferenceConfig, spec, beta: float, opts: dict, train: list[Item], ref_logps, pad: int, device_of):
+    """The method's loss on a micro-batch of item indices: one forward pass over chosen + rejected."""
+
+    def loss_fn(model, idx: list[int]):
+        device = device_of()
+        items = [train[i] for i in idx]
+        seconds = [it.rejected if it.rejected is not None else it.kl for it in items]
+        b = pad_batch([it.chosen for it in items] + seconds, pad)
+        ids = b["input_ids"].to(device)
+        logits = model(ids, attention_mask=b["attention_mask"].to(device))
+        lp, n = sequence_logprobs(logits, ids, b["loss_mask"].to(device))
+        k = len(items)
+        pc, p2, len_c, len_2 = lp[:k], lp[k:], n[:k], n[k:]
+        if ref_logps is not None:
+            ref = ref_logps.to(device)
+            sel = torch.tensor(idx, device=device)
+            rc, r2 = ref[2 * sel], ref[2 * sel + 1]
+        else:
+            rc = r2 = None
+        if spec.paired:
+            loss, metrics = preference_loss(cfg.method, pc, p2, rc, r2, chosen_lengths=len_c, rejected_lengths=len_2,
+                                            beta=beta, rpo_alpha=cfg.rpo_alpha, **opts)
+        else:
+            good = torch.tensor([it.desirable for it in items], device=device)
+            kw = {k2: v for k2, v in {**spec.defaults, **opts}.items() if k2 != "beta"}
+            loss, metrics = kto_loss(pc[good], pc[~good], rc[good], rc[~good], p2.detach(), r2, beta=beta, **kw)
+            if cfg.rpo_alpha and bool(good.any()):
+                nll = chosen_nll_loss(pc[good], len_c[good])
+                loss = loss + cfg.rpo_alpha * nll
+                metrics["nll_loss"] = nll.detach()
+        return loss, {**metrics, "tokens": int(b["attention_mask"].sum())}
+
+    return loss_fn
