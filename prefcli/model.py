@@ -278,6 +278,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one call: decoding is overhead-bound
         # Normalise in float32, scale in the input dtype (as HF Llama does).
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -342,7 +344,7 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
         gqa = {"enable_gqa": True} if KV != H and _SDPA_HAS_GQA else {}
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
+        return F.linear(y.transpose(1, 2).reshape(B, T, H * self.head_dim), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -358,7 +360,7 @@ class MLP(nn.Module):
     def forward(self, x):
         weight, _ = self.fused or concat_linears(self.gate_proj, self.up_proj)
         gate, up = F.linear(x, weight).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class Block(nn.Module):
