@@ -63,3 +63,49 @@ def small_corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(25)) for _ in range(400)) + "\n")
     return path
+
+
+CHAT_LINES = [
+    ("What is two plus three?", "Two plus three is five."),
+    ("Say something kind to Ana.", "Ana, you are a wonderful friend."),
+    ("Who runs the bakery?", "Ben runs the bakery."),
+    ("What color is the cat?", "The cat is black."),
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def chat_ws(cli, tmp_path, small_corpus):
+    """A workspace with a tokenizer and a tiny random base model ('base'), plus small chat data files."""
+    from prefcli.chat_format import render_chat
+    from prefcli.model import Transformer, make_config
+    from prefcli.stages.common import save_model_artifact, sync_token_ids
+    from prefcli.tokenizer import Tokenizer
+    from prefcli.workspace import Workspace
+
+    ws = tmp_path / "ws"
+    corpus = tmp_path / "chats.txt"
+    corpus.write_text(small_corpus.read_text() + "\n\n" + "\n\n".join(
+        render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in CHAT_LINES * 20))
+    assert cli("-w", ws, "tokenize", "-i", corpus, "--vocab-size", "400").code == 0
+    tok_path = ws / "tokenizers/default"
+    tok = Tokenizer(tok_path)
+    torch.manual_seed(0)
+    model = Transformer(make_config("tiny", tok.vocab_size, layers=2, dim=32, heads=2, context=64))
+    sync_token_ids(model, tok)
+    save_model_artifact(Workspace(ws), "base", model, tok_path, kind="causal_lm", stage="test", config={},
+                        parents=[], metrics={}, overwrite=False, chat=False)
+    files = {
+        "chats": write_jsonl(tmp_path / "chats.jsonl", [
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in CHAT_LINES]),
+        "pairs": write_jsonl(tmp_path / "pairs.jsonl", [
+            {"prompt": q, "chosen": a, "rejected": "No. Go away, " + a.lower()} for q, a in CHAT_LINES]),
+        "kto": write_jsonl(tmp_path / "kto.jsonl", [
+            {"prompt": q, "completion": c, "label": good} for q, a in CHAT_LINES
+            for c, good in ((a, True), ("Go away.", False))]),
+    }
+    return ws, files

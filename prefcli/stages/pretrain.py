@@ -6,6 +6,7 @@ hand the next-token loss over random windows to the Trainer, save models/<out>.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -112,9 +113,10 @@ def run(cfg: PretrainConfig, ws: Workspace) -> dict:
         raise PrefcliError(f"--data: {ds_path.name} has {len(train_ids)} training tokens, fewer than one window of {context + 1}",
                            "use more text, or a smaller --context")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * context * dist.world_size()
+    steps_cfg = cfg
     if cfg.tokens is not None and cfg.max_steps is None:
-        cfg.max_steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
-    tcfg = train_config(cfg, default_steps=DEFAULT_STEPS)
+        steps_cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.tokens / tokens_per_step)))
+    tcfg = train_config(steps_cfg, default_steps=DEFAULT_STEPS)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
 
     def batches(step: int, micro: int) -> torch.Tensor:

@@ -1,0 +1,120 @@
+"""`prefcli align` (sft and the offline preference methods) and `prefcli reward` end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import CHAT_LINES
+from prefcli.generate import generate
+from prefcli.model import load_model
+from prefcli.tokenizer import Tokenizer
+
+FAST = ["--batch-size", "4", "--warmup", "0"]
+
+
+def test_sft_learns_the_replies(cli, chat_ws):
+    ws, files = chat_ws
+    r = cli("-w", ws, "align", "--method", "sft", "--data", files["chats"], "--max-steps", "60", "--lr", "1e-2",
+            "--val-fraction", "0", *FAST, "--json")
+    assert r.code == 0, r.stderr
+    out = r.json()
+    assert out["method"] == "sft" and out["examples"] == 4 and out["truncated"] == 0
+    folder = ws / "models/sft"
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["chat"] is True and meta["parents"][0]["name"] == "base"
+    # Greedy replies reproduce the training replies: the loss reached the assistant tokens.
+    tok, model = Tokenizer(folder), load_model(folder).eval()
+    q, a = CHAT_LINES[0]
+    done = generate(model, [tok.chat_ids([{"role": "user", "content": q}], add_generation_prompt=True)],
+                    max_new_tokens=20, temperature=0, stop_ids=tok.stop_ids())
+    assert tok.decode(done[0].tokens) == a
+
+
+def test_sft_truncation_is_counted_and_warned(cli, chat_ws, tmp_path):
+    ws, _ = chat_ws
+    long = tmp_path / "long.jsonl"
+    rows = [{"prompt": "tell me a story " * 40, "completion": "Once upon a time."}, {"prompt": "hi", "completion": "Hello."}]
+    long.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    r = cli("-w", ws, "align", "--method", "sft", "--data", long, "--max-steps", "1", "--val-fraction", "0", *FAST, "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["truncated"] == 1
+    assert "1 of 2 conversations are longer than the context" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "hinge", "robust", "simpo", "orpo", "kto"])
+def test_every_preference_method_trains(cli, chat_ws, method):
+    ws, files = chat_ws
+    data = files["kto"] if method == "kto" else files["pairs"]
+    r = cli("-w", ws, "align", "--method", method, "--policy", "base", "--data", data, "--max-steps", "2",
+            "--val-fraction", "0.25", *FAST, "--json")
+    assert r.code == 0, r.stderr
+    out = r.json()
+    assert out["method"] == method and out["model"] == method
+    meta = json.loads((ws / f"models/{method}/meta.json").read_text())
+    assert meta["stage"] == f"align {method}" and meta["chat"] is True
+    reference_cache = ws / f"runs/{method}/reference_logps.safetensors"
+    assert reference_cache.is_file() == (method not in ("simpo", "orpo"))
+
+
+def test_dpo_learns_the_preference_and_reuses_reference_logps(cli, chat_ws):
+    ws, files = chat_ws
+    r = cli("-w", ws, "align", "--method", "dpo", "--policy", "base", "--data", files["pairs"], "--max-steps", "25",
+            "--lr", "5e-3", "--beta", "0.5", "--val-fraction", "0", *FAST, "--json")
+    assert r.code == 0, r.stderr
+    # The implicit reward now prefers every chosen reply it trained on.
+    from prefcli.stages.preference import Item, pair_accuracy, sequence_logps
+    from prefcli.data.examples import encode_completion
+
+    tok = Tokenizer(ws / "models/dpo")
+    policy, start = load_model(ws / "models/dpo").eval(), load_model(ws / "models/base").eval()
+    items = [Item(encode_completion(tok, [{"role": "user", "content": q}], [{"role": "assistant", "content": a}], 64),
+                  encode_completion(tok, [{"role": "user", "content": q}], [{"role": "assistant", "content": "No. Go away, " + a.lower()}], 64))
+             for q, a in CHAT_LINES]
+    assert pair_accuracy(policy, start, items, tok.pad_id, 8, "cpu", True) == 1.0
+    cached = ws / "runs/dpo/reference_logps.safetensors"
+    from safetensors.torch import load_file
+
+    ref = load_file(cached)["logps"]
+    lp, _ = sequence_logps(start, [e for it in items for e in (it.chosen, it.rejected)], tok.pad_id, 8, "cpu")
+    assert torch.allclose(ref, lp, atol=1e-5)  # the cache holds the reference's own log-probs
+
+
+def test_options_that_do_not_apply_are_refused(cli, chat_ws):
+    ws, files = chat_ws
+    r = cli("-w", ws, "align", "--method", "sft", "--beta", "0.1")
+    assert r.code == 2 and "--beta: does not apply to --method sft" in r.stderr
+    r = cli("-w", ws, "align", "--method", "ipo", "--policy", "base", "--data", files["pairs"], "--label-smoothing", "0.1")
+    assert r.code == 2 and "--label-smoothing" in r.stderr
+    r = cli("-w", ws, "align", "--method", "nope")
+    assert r.code == 2 and "unknown method" in r.stderr
+    r = cli("-w", ws, "align", "--method", "dpo", "--policy", "base", "--data", files["chats"])
+    assert r.code == 2 and "needs 'chosen' and 'rejected'" in r.stderr
+    assert not (ws / "models/dpo").exists() and not (ws / "models/ipo").exists()
+
+
+def test_reward_model_trains_and_transformers_scores_the_same(cli, chat_ws):
+    ws, files = chat_ws
+    r = cli("-w", ws, "reward", "train", "--base", "base", "--data", files["pairs"], "--max-steps", "30", "--lr", "5e-3",
+            "--val-fraction", "0", *FAST, "--json")
+    assert r.code == 0, r.stderr
+    folder = ws / "models/rm"
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["kind"] == "reward_model"
+    # Trained on 4 pairs for 30 steps: it ranks all of them right.
+    r = cli("-w", ws, "reward", "score", "--input", files["pairs"], "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["accuracy"] == 1.0
+    one = cli("-w", ws, "reward", "score", "--prompt", CHAT_LINES[0][0], "--response", CHAT_LINES[0][1])
+    assert one.code == 0
+    ours = float(one.stdout)
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    tok = Tokenizer(folder)
+    ids = tok.chat_ids([{"role": "user", "content": CHAT_LINES[0][0]}, {"role": "assistant", "content": CHAT_LINES[0][1]}])
+    with torch.no_grad():
+        theirs = float(hf(torch.tensor([ids])).logits[0, 0])
+    assert theirs == pytest.approx(ours, abs=1e-4)
