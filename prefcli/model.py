@@ -419,8 +419,8 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if lm_head else None
-        # The module is registered as "score" (HF's name for the scalar head, `score.weight`);
-        # the method `score()` shadows attribute access, so code reaches the module as `score_head`.
+        # The module is "score", HF's name for the scalar head (`score.weight`). No method may
+        # be called `score`: it would shadow the module for torch's state-dict tools.
         if score_head:
             self.score = nn.Linear(config.hidden_size, 1, bias=False)
         self.apply(self._init_weights)
@@ -538,7 +538,7 @@ class Transformer(nn.Module):
         if return_hidden:
             return x
         if self.lm_head is None:
-            raise ValueError("this model has no lm_head (a reward model); use score() or return_hidden=True")
+            raise ValueError("this model has no lm_head (a reward model); use sequence_scores() or return_hidden=True")
         return self.lm_head(x)
 
     def token_scores(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
@@ -551,7 +551,7 @@ class Transformer(nn.Module):
                  document_ids=document_ids, return_hidden=True)
         return self.score_head(h).squeeze(-1)
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def sequence_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Scalar reward [B] at each row's rightmost real token.
 
         That is the token HF's LlamaForSequenceClassification pools (rightmost token that is

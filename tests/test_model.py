@@ -147,7 +147,7 @@ def test_transformers_scores_our_reward_folder_the_same(tmp_path):
     assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
     x, mask = _right_padded()
     with torch.no_grad():
-        ours, theirs = model.score(x, mask), hf(x, attention_mask=mask).logits.squeeze(-1)
+        ours, theirs = model.sequence_scores(x, mask), hf(x, attention_mask=mask).logits.squeeze(-1)
     assert ours.shape == (3,)
     assert (ours - theirs).abs().max() <= 1e-4
     # The score is the value at the last real token.
@@ -163,7 +163,7 @@ def test_we_load_transformers_reward_folder(tmp_path):
     assert model.lm_head is None and model.score_head is not None
     x, mask = _right_padded()
     with torch.no_grad():
-        assert (model.score(x, mask) - hf(x, attention_mask=mask).logits.squeeze(-1)).abs().max() <= 1e-4
+        assert (model.sequence_scores(x, mask) - hf(x, attention_mask=mask).logits.squeeze(-1)).abs().max() <= 1e-4
     with pytest.raises(PrefcliError, match="reward"):
         load_model(tmp_path, kind="causal_lm")
 

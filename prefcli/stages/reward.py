@@ -88,7 +88,7 @@ def score_pairs(model: Transformer, items: list[tuple], pad_id: int, batch_size:
     with torch.no_grad():
         for i in range(0, len(items), batch_size):
             b = pair_batch(items[i : i + batch_size], pad_id)
-            r = model.score(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
+            r = model.sequence_scores(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
             n = len(r) // 2
             chosen.append(r[:n])
             rejected.append(r[n:])
@@ -194,7 +194,7 @@ class RewardScorer:
         with torch.no_grad():
             for i in range(0, len(encs), batch_size):
                 b = pad_batch(encs[i : i + batch_size], self.tokenizer.pad_id)
-                scores += self.model.score(b["input_ids"].to(self.device), b["attention_mask"].to(self.device)).float().tolist()
+                scores += self.model.sequence_scores(b["input_ids"].to(self.device), b["attention_mask"].to(self.device)).float().tolist()
         return scores
 
 
