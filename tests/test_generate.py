@@ -210,3 +210,12 @@ def test_session_stops_at_max_len():
     assert len(session.sample(20, temperature=0)) == 3 and session.length == 10
     with pytest.raises(PrefcliError, match="holds 10"):
         session.append([5])
+
+
+def test_training_works_after_generate():
+    # Tables and weights built while generating (inference mode) must not leak into autograd.
+    model = make_model()
+    generate(model, [prompt(3, 1)], max_new_tokens=3, temperature=0)
+    assert all(block.self_attn.fused is None for block in model.model.layers)
+    model(torch.tensor([prompt(8, 2)])).logsumexp(-1).mean().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
