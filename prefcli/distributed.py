@@ -16,20 +16,25 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed() -> bool:
+def init_distributed(device: torch.device | str | None = None) -> bool:
     """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK).
 
-    A no-op in a single process. Uses gloo for CPU tensors, and NCCL for CUDA tensors
-    when there is a GPU for this process (one process per GPU: LOCAL_RANK picks it). Returns
-    True when running distributed.
+    A no-op in a single process, or when already joined. `device` is where training
+    runs: CUDA gets NCCL for GPU tensors plus gloo for small CPU ones, and this rank's
+    GPU (LOCAL_RANK) becomes the current device; CPU gets gloo alone. None means CUDA
+    when every local rank has a GPU of its own. Returns True when running distributed.
     """
     if dist.is_available() and dist.is_initialized():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    if torch.cuda.is_available() and local_rank() < torch.cuda.device_count():
+    if device is None:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        use_cuda = torch.cuda.is_available() and local_ranks <= torch.cuda.device_count()
+    else:
+        use_cuda = torch.device(device).type == "cuda"
+    if use_cuda:
         torch.cuda.set_device(local_rank())
-        # Both backends: NCCL for the GPU tensors of training, gloo for small CPU ones.
         dist.init_process_group("cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group("gloo")

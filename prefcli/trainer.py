@@ -92,9 +92,10 @@ class TrainConfig:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" is CUDA, then MPS, then CPU. Under torchrun, CUDA means this rank's GPU."""
+    """"auto" is CUDA, then MPS, then CPU. Under torchrun, CUDA means this rank's GPU
+    (LOCAL_RANK); "auto" picks CUDA only when this rank has a GPU of its own."""
     if name == "auto":
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and dist.local_rank() < torch.cuda.device_count():
             name = "cuda"
         elif torch.backends.mps.is_available():
             name = "mps"
@@ -223,8 +224,8 @@ class Trainer:
                 raise PrefcliError(f"{option} {value}: must be at least 1")
         self.cfg, self.loss_fn, self.batches, self.eval_fn, self.desc = cfg, loss_fn, batches, eval_fn, desc
         self.run_dir = Path(run_dir)
-        dist.init_distributed()
         self.device = resolve_device(cfg.device)
+        dist.init_distributed(self.device)
         self.model = model.to(self.device)  # the bare module: what gets saved and evaluated
         self.ddp = None
         self.fsdp = cfg.fsdp and dist.world_size() > 1
@@ -335,7 +336,7 @@ class Trainer:
                     self._log(line)
                     summary = {**summary, "train_loss": line["loss"], **evaluated}
                     bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{out['lr']:.2e}", tok_s=_si(line["tokens_per_s"]))
-                    window = _empty_window(seconds)
+                    window = _empty_window(time.perf_counter() - clock)  # eval time is not training time
                 summary.update(steps=done, tokens=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9))
                 if last or (cfg.save_every and done % cfg.save_every == 0):
                     self._save(done, tokens=tokens, seconds=seconds, window=window, summary=summary)
