@@ -75,7 +75,7 @@ def _decode(model: Transformer, cache: KVCache, logits: torch.Tensor, completion
     The last sampled token is not fed back (nothing needs its logits). Finished rows are
     dropped from the cache so the rest decode without them.
     """
-    stop = set(stop_ids)
+    stop = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
     active = list(range(len(completions)))  # cache row i belongs to completions[active[i]]
     for step in range(max_new_tokens):
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)

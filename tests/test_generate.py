@@ -85,6 +85,7 @@ def test_stop_tokens_finish_rows_and_others_continue():
         else:
             assert c.tokens == f.tokens[:hit + 1] and c.finished  # stop token included
     assert out[0].finished and len(out[0].tokens) <= 4
+    assert generate(model, prompts[:1], max_new_tokens=10, temperature=0, stop_ids=stop)[0].tokens == out[0].tokens
 
 
 def test_on_token_streams_every_token_in_order():
