@@ -193,7 +193,7 @@ def test_resume_in_process_continues_exactly_and_drops_later_metric_lines(tmp_pa
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
-    args = ["--steps", "30", "--save-every", "5", "--grad-accum", "2", "--dropout", "0.1"]
+    args = ["--steps", "60", "--save-every", "5", "--grad-accum", "2", "--dropout", "0.1"]
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
     full = subprocess.run([sys.executable, SCRIPT, tmp_path / "full", *args], env=env, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
@@ -209,13 +209,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     kept = list_checkpoints(run)
-    assert kept and int(kept[-1].name.split("-")[1]) < 30
+    assert kept and int(kept[-1].name.split("-")[1]) < 60
     assert len((run / "metrics.jsonl").read_text().splitlines()) > int(kept[-1].name.split("-")[1])
 
     resumed = subprocess.run([sys.executable, SCRIPT, run, *args, "--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    a = load_file(tmp_path / "full" / "checkpoints" / "step-000030" / "model.safetensors")
-    b = load_file(run / "checkpoints" / "step-000030" / "model.safetensors")
+    a = load_file(tmp_path / "full" / "checkpoints" / "step-000060" / "model.safetensors")
+    b = load_file(run / "checkpoints" / "step-000060" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in read_metrics(run)] == [m["loss"] for m in read_metrics(tmp_path / "full")]
 
