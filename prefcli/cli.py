@@ -322,6 +322,35 @@ def chat(
     stage.run(cfg, workspace(), as_json=as_json)
 
 
+# ---------------------------------------------------------------- pipeline
+pipeline_app = typer.Typer(help="Run a whole workflow from one TOML file, skipping stages that are up to date.",
+                           no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., metavar="FILE", help="Pipeline file: [[stage]] tables with a command and its options (see examples/pipeline.toml)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (run / skip / re-run / always) and run nothing."),
+    force: bool = typer.Option(False, "--force", help="Run every stage, even those that are up to date."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", metavar="[N.]OPTION=VALUE", help="Override an option: N.option=value for stage N, or option=value for every stage that takes it."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary of the run (stages, status, seconds) on stdout."),
+) -> None:
+    """Run the stages of FILE in order; a stage whose output exists with the same config and inputs is skipped."""
+    import click
+
+    from prefcli.stages import pipeline as stage
+
+    # -w on the command line wins over the file's `workspace`, which wins over $PREFCLI_WORKSPACE.
+    given = ctx.find_root().get_parameter_source("workspace_dir") == click.core.ParameterSource.COMMANDLINE
+    result = stage.run(file, _state["workspace"] if given else None, sets=set_ or None, force=force,
+                       dry_run=dry_run, quiet_stdout=as_json)
+    emit(result, as_json, lambda r: console.print(stage.summary_table(r)))
+    if result["exit_code"]:
+        raise typer.Exit(result["exit_code"])
+
+
 # ---------------------------------------------------------------- ls
 def _human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
