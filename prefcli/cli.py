@@ -322,6 +322,173 @@ def chat(
     stage.run(cfg, workspace(), as_json=as_json)
 
 
+# ---------------------------------------------------------------- eval
+eval_app = typer.Typer(help="Measure models: perplexity, reward-model accuracy, side-by-side comparison, charts.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+PLOT_OPT = typer.Option(False, "--plot", help="Also draw PNG charts into evals/<name>-*.png (pip install 'prefcli[plot]').")
+EVAL_OUT_OPT = typer.Option(None, "--out", help="Name of the eval, written to evals/<name>.json (default: <subcommand>-<model>).")
+LIMIT_HELP = "Measure only the first N"
+
+
+@eval_app.command("perplexity")
+def eval_perplexity(
+    model: Optional[str] = typer.Option(None, "--model", help="Model to measure (default: base)."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="A token dataset (default: corpus), or text files, folders and globs encoded with the model's tokenizer."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of a dataset: val (default) or train."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding the text in .jsonl/.json/.parquet rows (default: text)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help=f"{LIMIT_HELP} windows of the model's context."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward pass (default 16)."),
+    device: Optional[str] = DEVICE_OPT,
+    out: Optional[str] = EVAL_OUT_OPT,
+    config: Optional[Path] = CONFIG_OPT,
+    overwrite: bool = OVERWRITE_OPT,
+    plot: bool = PLOT_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Loss, perplexity and bits per byte of a model on held-out text."""
+    from prefcli.stages import evaluate as stage
+
+    cfg = build_config(stage.PerplexityConfig, config, "eval-perplexity", model=model, data=data or None, split=split,
+                       text_field=text_field, limit=limit, batch_size=batch_size, device=device, out=out,
+                       overwrite=overwrite or None, plot=plot or None)
+    emit(stage.run_perplexity(cfg, workspace()), as_json, lambda r: console.print(stage.perplexity_table(r)))
+
+
+@eval_app.command("reward")
+def eval_reward(
+    model: Optional[str] = typer.Option(None, "--model", help="Reward model to measure (default: rm)."),
+    pairs: Optional[list[str]] = typer.Option(None, "--pairs", help="Preference pairs (prompt/chosen/rejected; .jsonl/.json/.parquet). Default: the held-out demo pairs."),
+    gold: bool = typer.Option(False, "--gold", help="Break accuracy down with the demo's gold judge (default for the demo pairs)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help=f"{LIMIT_HELP} pairs."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Replies scored per forward pass (default 64)."),
+    device: Optional[str] = DEVICE_OPT,
+    out: Optional[str] = EVAL_OUT_OPT,
+    config: Optional[Path] = CONFIG_OPT,
+    overwrite: bool = OVERWRITE_OPT,
+    plot: bool = PLOT_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Pairwise accuracy (ties half), margin and reward distributions of a reward model."""
+    from prefcli.stages import evaluate as stage
+
+    cfg = build_config(stage.RewardEvalConfig, config, "eval-reward", model=model, pairs=pairs or None,
+                       gold=gold or None, limit=limit, batch_size=batch_size, device=device, out=out,
+                       overwrite=overwrite or None, plot=plot or None)
+    emit(stage.run_reward(cfg, workspace()), as_json, lambda r: console.print(stage.reward_table(r)))
+
+
+@eval_app.command("compare")
+def eval_compare(
+    model: Optional[list[str]] = typer.Option(None, "--model", help="Model to compare (repeat for several, side by side)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Model to compare against and take KL to (default: sft if it exists)."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Reward model that judges win rates and mean reward."),
+    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt rows ({prompt} or {messages}; .jsonl/.json/.parquet). Default: the 300 held-out demo prompts."),
+    gold: bool = typer.Option(False, "--gold", help="Judge --prompts with the demo's gold judge (default for the demo prompts)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help=f"{LIMIT_HELP} prompts."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Replies sampled per prompt (default 1)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0: the policy's own distribution; 0 = greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0: off)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k sampling (default 0: off)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens per reply (default 64)."),
+    kl: bool = typer.Option(True, "--kl/--no-kl", help="Estimate KL(model || reference) (needs one tokenizer)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts sampled at once (default 64)."),
+    seed: Optional[int] = SEED_OPT,
+    device: Optional[str] = DEVICE_OPT,
+    out: Optional[str] = EVAL_OUT_OPT,
+    config: Optional[Path] = CONFIG_OPT,
+    overwrite: bool = OVERWRITE_OPT,
+    plot: bool = PLOT_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Sample replies from models and a reference; win rates, gold good-rates, KL, length, diversity."""
+    from prefcli.stages import evaluate as stage
+
+    cfg = build_config(stage.CompareConfig, config, "eval-compare", model=model or None, reference=reference,
+                       judge_model=judge_model, prompts=prompts or None, gold=gold or None, limit=limit,
+                       samples=samples, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                       kl=None if kl else False, batch_size=batch_size, seed=seed, device=device, out=out,
+                       overwrite=overwrite or None, plot=plot or None)
+    emit(stage.run_compare(cfg, workspace()), as_json, lambda r: console.print(stage.compare_table(r)))
+
+
+@eval_app.command("plot")
+def eval_plot(
+    names: Optional[list[str]] = typer.Argument(None, help="Evals to chart (default: all in evals/)."),
+    run: Optional[list[str]] = typer.Option(None, "--run", help="Runs whose training curves to draw (default: all in runs/)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Name of the training-curves chart, evals/<name>-training.png (default: runs)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Draw PNG charts: training curves of runs/*/metrics.jsonl, and each eval's charts."""
+    from prefcli import plots
+    from prefcli.workspace import check_name
+
+    ws = workspace()
+    paths = [str(p) for p in plots.plot_workspace(ws, names or None, run or None, check_name(out or "runs"))]
+    emit({"plots": paths}, as_json, lambda r: console.print(
+        "\n".join(f"wrote {p}" for p in r["plots"]) or f"nothing to plot in {ws.root}"))
+
+
+# ---------------------------------------------------------------- quickstart
+def _pct(summary: dict | None) -> str:
+    if not summary or summary.get("rate") is None:
+        return "-"
+    lo, hi = summary["ci"]
+    return f"{100 * summary['rate']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
+def _quickstart_report(r: dict) -> None:
+    stages = Table(title=f"quickstart: {r['seconds']:.0f} s in all", title_justify="left")
+    for col in ("stage", "seconds", "result", "command"):
+        stages.add_column(col)
+    for s in r["stages"]:
+        stages.add_row(s["stage"], f"{s['seconds']:.1f}", s["metric"], s["command"])
+    console.print(stages)
+    cmp = r["comparison"]
+    table = Table(title=f"after vs before: each policy against sft on {cmp['prompts']} held-out prompts "
+                        "(gold judge, temperature 1, 95% intervals)", title_justify="left")
+    for col in ("model", "good-rate", "win rate vs sft", "correct", "polite", "concise", "RM win rate", "KL", "distinct-2", "length"):
+        table.add_column(col)
+    ref = cmp.get("reference_stats") or {}
+    if ref.get("gold"):
+        table.add_row("sft", _pct(ref["gold"]["good"]), "-", "", "", "", "", "", f"{ref['distinct_2']:.2f}", f"{ref['mean_length']:.1f}")
+    for name, m in cmp["models"].items():
+        vs = m.get("vs_reference", {})
+        by_attr = vs.get("win_rate_gold_by_attribute", {})
+        kl = vs.get("kl", {}).get("mean")
+        table.add_row(name, _pct(m.get("gold", {}).get("good")), _pct(vs.get("win_rate_gold")),
+                      *(_pct(by_attr.get(a)) for a in ("correct", "polite", "concise")),
+                      _pct(vs.get("win_rate_reward")), "-" if kl is None else f"{kl:.2f}",
+                      f"{m['distinct_2']:.2f}", f"{m['mean_length']:.1f}")
+    console.print(table)
+    console.print("Per-attribute columns are win rates over sft on that attribute (ties count half).")
+    best = max(cmp["models"], key=lambda n: (cmp["models"][n].get("gold", {}).get("good") or {}).get("rate") or 0)
+    ws_flag = f"-w {r['workspace']} "
+    console.print(f"\nChat with the result:\n  prefcli {ws_flag}chat --model {best}\n"
+                  f"  prefcli {ws_flag}chat --model {best} --prompt 'What is 3 plus 4?'\n"
+                  f"  prefcli {ws_flag}ls", highlight=False)
+
+
+@app.command()
+def quickstart(
+    size: Optional[str] = typer.Option(None, "--size", help="Model size preset (default tiny: ~1M parameters)."),
+    fast: bool = typer.Option(False, "--fast", help="A much shorter run (seconds, not minutes), for smoke tests."),
+    methods: Optional[list[str]] = typer.Option(None, "--method", help="Alignment methods to run after sft (repeatable; default dpo and grpo)."),
+    eval_prompts: Optional[int] = typer.Option(None, "--eval-prompts", help="Held-out prompts for the final comparison (default 300)."),
+    seed: Optional[int] = SEED_OPT,
+    device: Optional[str] = DEVICE_OPT,
+    overwrite: bool = OVERWRITE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Run the whole workflow on the built-in demo data and report how much alignment helped."""
+    from prefcli.stages import quickstart as stage
+
+    cfg = build_config(stage.QuickstartConfig, None, None, size=size, fast=fast or None, methods=methods or None,
+                       eval_prompts=eval_prompts, seed=seed, device=device, overwrite=overwrite or None)
+    result = stage.run(cfg, workspace(), console)
+    emit(result, as_json, _quickstart_report)
+
+
 # ---------------------------------------------------------------- pipeline
 pipeline_app = typer.Typer(help="Run a whole workflow from one TOML file, skipping stages that are up to date.",
                            no_args_is_help=True)
