@@ -367,3 +367,33 @@ def test_repl_through_a_terminal(ws, tmp_path):
     partial, full = msgs[6]["content"].rstrip("\ufffd"), fresh_text(conv, msgs[:6], 200).rstrip("\ufffd")
     n = min(len(partial), len(full))
     assert partial[:n] == full[:n]
+
+
+def test_hf_folder_with_its_own_template_and_one_without(cli, ws, tmp_path):
+    """An HF-style folder (no meta.json): its own Jinja template (ChatML, which renders a newline
+    after each turn's end) carries the cache over just as well; without a template it chats raw."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(ws.root / "models/sft", hf)
+    (hf / "meta.json").unlink()
+    cfg = json.loads((hf / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (hf / "tokenizer_config.json").write_text(json.dumps(cfg))
+    conv = conversation(ws, hf, max_tokens=6)
+    assert not conv.raw
+    previous = []
+    for text in ["the cat sat", "and the dog", "a bird"]:
+        expected = fresh_greedy(conv, conv.messages + [{"role": "user", "content": text}], 6)
+        r = conv.reply(text)
+        assert r.tokens == expected
+        ids = conv.prompt_ids(conv.messages[:-1])
+        assert r.prefilled <= len(ids) - len(previous) + 1  # the previous prompt came from the cache
+        previous = ids
+
+    del cfg["chat_template"]
+    (hf / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = cli("-w", ws.root, "chat", "--model", hf, "--prompt", "the cat", "--temperature", "0", "--max-tokens", "5", "--json")
+    assert r.code == 0, r.stderr
+    assert "no chat template" in r.stderr and r.json()["raw"] is True
