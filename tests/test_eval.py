@@ -337,6 +337,9 @@ def test_kl_against_a_hand_computation(base_ws):
     assert res["models"]["u"]["vs_reference"]["kl"]["mean"] == pytest.approx(
         sum(ev.per_prompt(kls, 2)) / 3, rel=1e-9)
     assert "gold" not in res["models"]["u"] and res["gold_judge"] is False
+    alone = ev.compare({"u": P}, None, prompts, max_tokens=2)
+    assert alone["reference"] is None and "vs_reference" not in alone["models"]["u"]
+    assert alone["samples"][0]["replies"]["u"][0]["tokens"] <= 2
 
 
 def test_compare_options_and_errors(cli, ws, tmp_path):
@@ -352,6 +355,10 @@ def test_compare_options_and_errors(cli, ws, tmp_path):
     assert doc["reference"] == "sft" and list(doc["models"]) == ["p", "sft"] and doc["meta"]["name"] == "compare-p-sft"
     assert all(len(row["replies"]["p"]) == 2 for row in doc["samples"])
     assert doc["models"]["p"]["gold"]["good"]["n"] == 6  # prompts are the unit
+    good = [float(s["gold"]["good"]) for row in doc["samples"] for s in row["reference"]]
+    assert doc["win_rate_gold_ceiling"] == pytest.approx(1 - sum(good) / len(good) / 2)
+    r = cli("-w", ws, "eval", "compare", "--model", "p", "--limit", "0", "--out", "z")
+    assert r.code == 2 and "--limit 0" in r.stderr
     # Another tokenizer: KL is refused with a clear error, unless --no-kl.
     r = cli("-w", ws, "eval", "compare", "--model", "q", "--limit", "3", "--max-tokens", "3")
     assert r.code == 2 and "--reference" in r.stderr and "tokenizer" in r.stderr and "--no-kl" in r.stderr

@@ -367,6 +367,8 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
         raise PrefcliError("eval compare: there are no prompts to compare on", "pass --prompts FILE with at least one row")
     if samples < 1 or max_tokens < 1 or batch_size < 1:
         raise PrefcliError("eval compare: --samples, --max-tokens and --batch-size must be at least 1")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise PrefcliError("eval compare: --temperature and --top-k must be >= 0 and --top-p in (0, 1]")
     texts = [prompt_text(m) for m in prompts]
     categories = [demo.prompt_category(t) for t in texts]
     if gold:
@@ -450,6 +452,10 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
             row["reference"] = [reply(s) for s in gens[-1][sl]]
         sample_rows.append(row)
 
+    ceiling = None
+    if reference is not None and gold:
+        # A perfect policy ties wherever the reference is already good: win rate <= 1 - good_rate / 2.
+        ceiling = 1 - stats[reference_name]["gold"]["good"]["rate"] / 2
     return {
         "prompts": len(prompts),
         "samples_per_prompt": samples,
@@ -459,6 +465,7 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
         "reference": reference_name if reference is not None else None,
         "models": {name: stats[name] for name in models},
         "reference_stats": stats[reference_name] if reference is not None else None,
+        "win_rate_gold_ceiling": ceiling,
         "samples": sample_rows,
     }
 
@@ -593,8 +600,16 @@ def _is_dataset_ref(ws: Workspace, ref: str) -> bool:
     return bool(NAME_RE.match(ref))
 
 
+def _check_positive(cfg, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if v is not None and v < 1:
+            raise PrefcliError(f"--{n.replace('_', '-')} {v}: must be at least 1")
+
+
 def run_perplexity(cfg: PerplexityConfig, ws: Workspace) -> dict:
     t0 = time.time()
+    _check_positive(cfg, "limit", "batch_size")
     if cfg.split not in ("val", "train"):
         raise PrefcliError(f"--split {cfg.split}: must be val or train")
     device = resolve_device(cfg.device)
@@ -632,6 +647,7 @@ def run_perplexity(cfg: PerplexityConfig, ws: Workspace) -> dict:
 
 def run_reward(cfg: RewardEvalConfig, ws: Workspace) -> dict:
     t0 = time.time()
+    _check_positive(cfg, "limit", "batch_size")
     device = resolve_device(cfg.device)
     name = _prepare(ws, cfg, f"reward-{slug(cfg.model)}")
     rm = load_model_artifact(ws, cfg.model, "--model", kind="reward", device=device)
@@ -660,6 +676,7 @@ def run_reward(cfg: RewardEvalConfig, ws: Workspace) -> dict:
 
 def run_compare(cfg: CompareConfig, ws: Workspace) -> dict:
     t0 = time.time()
+    _check_positive(cfg, "limit", "batch_size", "samples", "max_tokens")
     if not cfg.model:
         raise PrefcliError("eval compare: no --model given", "pass --model NAME (repeat it to compare several)")
     device = resolve_device(cfg.device)
@@ -771,9 +788,13 @@ def compare_table(doc: dict):
     s = doc["sampling"]
     title = (f"eval compare -> evals/{doc['meta']['name']}.json: {doc['prompts']} prompts x {doc['samples_per_prompt']} "
              f"sample(s), temperature {s['temperature']}, up to {s['max_tokens']} tokens")
-    t = Table(title=title, title_justify="left",
-              caption="95% intervals: Wilson for 0/1 rates; normal approximation over prompts for win rates (ties count half)",
-              caption_justify="left")
+    caption = "95% intervals: Wilson for 0/1 rates; normal approximation over prompts for win rates (ties count half)."
+    if doc.get("win_rate_gold_ceiling") is not None:
+        caption += (f" Against this reference a perfect policy's gold win rate is at most "
+                    f"{doc['win_rate_gold_ceiling']:.3f} (ties where the reference is already good).")
+    if doc["reference"] and (s["temperature"] != 1.0 or s["top_k"] or s["top_p"] < 1.0):
+        caption += " KL uses the raw log-probs, so it is KL(model || reference) only at temperature 1 without top-k/top-p."
+    t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     t.add_column("")
     for name, _ in cols:
         t.add_column(name)
