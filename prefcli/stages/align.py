@@ -20,6 +20,12 @@ METHODS: dict[str, tuple[str, str, str]] = {
 for _name, _m in __import__("prefcli.objectives.preference", fromlist=["METHODS"]).METHODS.items():
     _defaults = ", ".join(f"{k}={v}" for k, v in _m.defaults.items())
     METHODS[_name] = ("prefcli.stages.preference", "PreferenceConfig", f"{_m.formula} [{_defaults}]; {_m.paper}")
+for _name, _doc in (
+    ("ppo", "online: clipped policy loss, value model + GAE, per-token KL to the reference; Ziegler et al. 2019, Ouyang et al. 2022"),
+    ("grpo", "online: N samples per prompt, A = (r - group mean) / group std, clipped ratio + KL; Shao et al. 2024 (DeepSeekMath)"),
+    ("rloo", "online: N samples per prompt, REINFORCE with the others' mean as baseline; Ahmadian et al. 2024"),
+):
+    METHODS[_name] = ("prefcli.stages.rl", "RLConfig", _doc)
 
 
 def method_config(method: str):
