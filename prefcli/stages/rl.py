@@ -173,7 +173,7 @@ class RLModel(nn.Module):
         super().__init__()
         self.policy = policy
         self.value = value
-        self.register_buffer("kl_coef", torch.tensor(float(kl_coef), dtype=torch.float64))
+        self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))  # float32: MPS has no float64
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int):
         logits = reply_logits(self.policy, input_ids, attention_mask, start)
