@@ -37,6 +37,7 @@ def bench_prefcli(cfg, args, batches) -> float:
         tcfg = TrainConfig(max_steps=10**9, batch_size=args.batch_size, lr=3e-4, device=args.device, compile=args.compile)
 
         def loss_fn(m, x):
+            x = x.to(trainer.device)
             logits = m(x[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
             return loss, {"tokens": x.shape[0] * (x.shape[1] - 1)}
