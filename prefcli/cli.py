@@ -518,12 +518,11 @@ def pipeline_run(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary of the run (stages, status, seconds) on stdout."),
 ) -> None:
     """Run the stages of FILE in order; a stage whose output exists with the same config and inputs is skipped."""
-    import click
-
     from prefcli.stages import pipeline as stage
 
     # -w on the command line wins over the file's `workspace`, which wins over $PREFCLI_WORKSPACE.
-    given = ctx.find_root().get_parameter_source("workspace_dir") == click.core.ParameterSource.COMMANDLINE
+    source = ctx.find_root().get_parameter_source("workspace_dir")
+    given = getattr(source, "name", None) == "COMMANDLINE"
     result = stage.run(file, _state["workspace"] if given else None, sets=set_ or None, force=force,
                        dry_run=dry_run, quiet_stdout=as_json)
     emit(result, as_json, lambda r: console.print(stage.summary_table(r)))
