@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from prefcli.config import build_config, to_dict, tomllib
 from prefcli.errors import PrefcliError
-from prefcli.workspace import KINDS, Workspace, damaged_files, default_root, read_meta
+from prefcli.workspace import KINDS, Workspace, check_name, damaged_files, default_root, read_meta
 
 # Commands whose outputs can be tracked: command -> (module, config class, --config section).
 # `align` is looked up per method in prefcli.stages.align.METHODS.
@@ -90,7 +90,7 @@ def load(path: Path | str, sets: list[str] | None = None) -> Pipeline:
     group = typer.main.get_command(app)
     commands = [_command(group, t, path, n) for n, t in enumerate(tables, 1)]
     options = [dict(t.get("options", {})) for t in tables]
-    _apply_sets(sets or [], commands, options, tables, path)
+    _apply_sets(sets or [], commands, options, path)
 
     pipeline = Pipeline(path, workspace)
     for n, (table, (name, cmd), opts) in enumerate(zip(tables, commands, options), 1):
@@ -117,7 +117,7 @@ def _command(group: Any, table: dict, path: Path, n: int) -> tuple[str, Any]:
     if not isinstance(name, str) or not name.split():
         raise PrefcliError(f"{path}: stage {n}: no command", 'set command = "tokenize" (or "pretrain", "align", "reward train", ...)')
     cmd = group
-    for i, word in enumerate(name.split()):
+    for word in name.split():
         sub = cmd.commands.get(word) if _is_group(cmd) else None
         if sub is None or word == "pipeline":
             known = ", ".join(c for c in group.commands if c != "pipeline")
@@ -154,7 +154,7 @@ def _flags_of(cmd: Any) -> str:
     return ", ".join(sorted(p.opts[0].lstrip("-") for p in cmd.params if _is_option(p) and p.name != "help"))
 
 
-def _apply_sets(sets: list[str], commands: list, options: list[dict], tables: list[dict], path: Path) -> None:
+def _apply_sets(sets: list[str], commands: list, options: list[dict], path: Path) -> None:
     """--set N.option=value (one stage) or option=value (every stage that takes it); values read as TOML."""
     for item in sets:
         target, eq, raw = item.partition("=")
@@ -167,7 +167,7 @@ def _apply_sets(sets: list[str], commands: list, options: list[dict], tables: li
                 raise PrefcliError(f"--set {item}: {path} has no stage {head}", f"stages are numbered 1 to {len(commands)}")
         else:
             key = target
-            stages = [n for n, (name, cmd) in enumerate(commands, 1) if _flag(cmd, key) and _applies(name, cmd, tables[n - 1], options[n - 1], key)]
+            stages = [n for n, (name, cmd) in enumerate(commands, 1) if _flag(cmd, key) and _applies(name, cmd, options[n - 1], key)]
             if not stages:
                 raise PrefcliError(f"--set {item}: no stage of {path} takes --{key}")
         try:
@@ -178,7 +178,7 @@ def _apply_sets(sets: list[str], commands: list, options: list[dict], tables: li
             options[n - 1] = {k: v for k, v in options[n - 1].items() if k.replace("_", "-") != key.replace("_", "-")} | {key: value}
 
 
-def _applies(name: str, cmd: Any, table: dict, opts: dict, key: str) -> bool:
+def _applies(name: str, cmd: Any, opts: dict, key: str) -> bool:
     """For `align`, an option applies only when the method's config has it."""
     if name != "align":
         return True
@@ -194,13 +194,13 @@ def _applies(name: str, cmd: Any, table: dict, opts: dict, key: str) -> bool:
     return field_name in {f.name for f in dataclasses.fields(cls)} or param.name in ("config", "as_json")
 
 
-def _argv(cmd: Any, opts: dict, args: Any) -> list[str]:
+def _argv(cmd: Any, name: str, opts: dict, args: Any) -> list[str]:
     """The options as the command's own flags: true booleans become flags, lists repeated flags."""
     argv: list[str] = []
     for key, value in opts.items():
         found = _flag(cmd, key)
         if found is None:
-            raise PrefcliError(f"option '{key}' is not a flag of `prefcli {cmd.name}`", f"its flags: {_flags_of(cmd)}")
+            raise PrefcliError(f"option '{key}' is not a flag of `prefcli {name}`", f"its flags: {_flags_of(cmd)}")
         param, opt = found
         if param.is_flag:
             if not isinstance(value, bool):
@@ -225,7 +225,7 @@ def _argv(cmd: Any, opts: dict, args: Any) -> list[str]:
 
 
 def _stage(n: int, name: str, cmd: Any, table: dict, opts: dict) -> Stage:
-    argv = _argv(cmd, opts, table.get("args"))
+    argv = _argv(cmd, name, opts, table.get("args"))
     try:
         ctx = cmd.make_context(name, list(argv))
     except Exception as e:  # click's usage errors (typer may vendor its own click)
@@ -260,6 +260,8 @@ def _stage(n: int, name: str, cmd: Any, table: dict, opts: dict) -> Stage:
         return stage
     stage.outputs = _outputs(name, cfg)
     if stage.outputs is not None:
+        for kind, out in stage.outputs:
+            check_name(out, {"tokenizers": "--name", "datasets": "--dataset"}.get(kind, "--out"))
         stage.config = _as_recorded(cfg)
     return stage
 
