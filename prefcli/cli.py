@@ -447,24 +447,24 @@ def _pct(summary: dict | None) -> str:
     if not summary or summary.get("rate") is None:
         return "-"
     lo, hi = summary["ci"]
-    return f"{100 * summary['rate']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
+    return f"{100 * summary['rate']:.0f} ({100 * lo:.0f}-{100 * hi:.0f})"
 
 
 def _quickstart_report(r: dict) -> None:
     stages = Table(title=f"quickstart: {r['seconds']:.0f} s in all", title_justify="left")
-    for col in ("stage", "seconds", "result", "command"):
+    for col in ("stage", "seconds", "result"):
         stages.add_column(col)
     for s in r["stages"]:
-        stages.add_row(s["stage"], f"{s['seconds']:.1f}", s["metric"], s["command"])
+        stages.add_row(s["stage"], f"{s['seconds']:.1f}", s["metric"])
     console.print(stages)
     cmp = r["comparison"]
-    table = Table(title=f"after vs before: each policy against sft on {cmp['prompts']} held-out prompts "
-                        "(gold judge, temperature 1, 95% intervals)", title_justify="left")
-    for col in ("model", "good-rate", "win rate vs sft", "correct", "polite", "concise", "RM win rate", "KL", "distinct-2", "length"):
+    table = Table(title=f"against sft on {cmp['prompts']} held-out prompts, gold judge, % (95% interval)",
+                  title_justify="left")
+    for col in ("model", "good", "win", "correct", "polite", "concise", "RM win", "KL", "dist-2", "len"):
         table.add_column(col)
     ref = cmp.get("reference_stats") or {}
     if ref.get("gold"):
-        table.add_row("sft", _pct(ref["gold"]["good"]), "-", "", "", "", "", "", f"{ref['distinct_2']:.2f}", f"{ref['mean_length']:.1f}")
+        table.add_row("sft", _pct(ref["gold"]["good"]), "", "", "", "", "", "", f"{ref['distinct_2']:.2f}", f"{ref['mean_length']:.0f}")
     for name, m in cmp["models"].items():
         vs = m.get("vs_reference", {})
         by_attr = vs.get("win_rate_gold_by_attribute", {})
@@ -472,9 +472,11 @@ def _quickstart_report(r: dict) -> None:
         table.add_row(name, _pct(m.get("gold", {}).get("good")), _pct(vs.get("win_rate_gold")),
                       *(_pct(by_attr.get(a)) for a in ("correct", "polite", "concise")),
                       _pct(vs.get("win_rate_reward")), "-" if kl is None else f"{kl:.2f}",
-                      f"{m['distinct_2']:.2f}", f"{m['mean_length']:.1f}")
+                      f"{m['distinct_2']:.2f}", f"{m['mean_length']:.0f}")
     console.print(table)
-    console.print("Per-attribute columns are win rates over sft on that attribute (ties count half).")
+    console.print("good: share of replies the gold judge rates correct, polite and concise. win: gold-judge win rate "
+                  "over sft (ties half); correct/polite/concise: the same per attribute; RM win: by the reward model; "
+                  "KL: KL(policy || sft) in nats per reply; len: tokens per reply.")
     best = max(cmp["models"], key=lambda n: (cmp["models"][n].get("gold", {}).get("good") or {}).get("rate") or 0)
     ws_flag = f"-w {r['workspace']} "
     console.print(f"\nChat with the result:\n  prefcli {ws_flag}chat --model {best}\n"
