@@ -261,7 +261,9 @@ def test_examples_script_and_pipeline_file_are_the_same_workflow(cli, tmp_path, 
     assert "--rpo-alpha" in stages[4]["argv"] and not (tmp_path / "empty").exists()
 
     # The script, on small data files, with FAST settings.
-    prefcli = shutil.which("prefcli") or f"{sys.executable} -m prefcli"
+    # The prefcli installed with this interpreter (editable install), else the module.
+    script = Path(sys.executable).with_name("prefcli")
+    prefcli = str(script) if script.is_file() else shutil.which("prefcli") or f"{sys.executable} -m prefcli"
     env = {k: v for k, v in os.environ.items() if k != "PREFCLI_WORKSPACE"}
     env.update(FAST="1", PREFCLI=prefcli, CORPUS=str(data["corpus"]), CHATS=str(data["chats"]), PAIRS=str(data["pairs"]))
     proc = subprocess.run(["bash", str(REPO / "examples/pipeline.sh"), "ws"], cwd=tmp_path, env=env,
@@ -278,3 +280,24 @@ def test_examples_script_and_pipeline_file_are_the_same_workflow(cli, tmp_path, 
     r = cli("-w", ws, "pipeline", "run", example, "--dry-run", "--json", *sets)
     assert r.code == 0, r.stderr
     assert [(s["action"], s["reason"]) for s in r.json()["stages"]] == [("skip", "up to date")] * 6
+
+
+def test_stages_that_fill_in_defaults_are_still_up_to_date(cli, tmp_path, chat_ws):
+    """dpo records its default beta; grpo its method defaults and steps rounded up to whole rollout batches."""
+    ws, files = chat_ws
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q, _ in CHAT_LINES[:2]])
+    path = tmp_path / "pipe.toml"
+    path.write_text(f'[[stage]]\ncommand = "align"\noptions = {{ method = "dpo", policy = "base", data = ["{files["pairs"]}"], '
+                    'max-steps = 1, batch-size = 4 }\n'
+                    f'[[stage]]\ncommand = "align"\noptions = {{ method = "grpo", policy = "base", prompts = ["{prompts}"], '
+                    'reward-fn = ["demo"], max-steps = 1, ppo-epochs = 2, num-generations = 2, batch-size = 2, max-tokens = 4 }\n')
+    assert plan(cli("-w", ws, "pipeline", "run", path, "--json")) == [("run", "ok")] * 2
+    recorded = json.loads((ws / "models/grpo/meta.json").read_text())["config"]
+    assert recorded["max_steps"] == 2 and recorded["kl_coef"] is not None and recorded["lr"] is not None
+    assert json.loads((ws / "models/dpo/meta.json").read_text())["config"]["beta"] == 0.1
+    r = cli("-w", ws, "pipeline", "run", path, "--dry-run", "--json")
+    assert [(s["action"], s["reason"]) for s in r.json()["stages"]] == [("skip", "up to date")] * 2
+    r = cli("-w", ws, "pipeline", "run", path, "--dry-run", "--json", "--set", "1.beta=0.1", "--set", "2.max-steps=2")
+    assert [s["action"] for s in r.json()["stages"]] == ["skip", "skip"]  # the same configs, spelled out
+    r = cli("-w", ws, "pipeline", "run", path, "--dry-run", "--json", "--set", "2.max-steps=3")
+    assert r.json()["stages"][1]["reason"] == "config changed (max_steps: 2 -> 4)"

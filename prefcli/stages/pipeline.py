@@ -18,9 +18,11 @@ eval plot, ls) always run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib
 import json
+import math
 import shlex
 import sys
 import time
@@ -305,14 +307,26 @@ def _outputs(name: str, cfg: Any) -> list[tuple[str, str]] | None:
 
 
 def _as_recorded(cfg: Any) -> dict:
-    """The config as the stage writes it into meta.json (JSON round trip, defaults it resolves)."""
-    doc = to_dict(cfg)
-    if doc.get("method") and "beta" in doc and doc["beta"] is None:
-        # preference.py records the method's default beta when --beta is not given.
-        from prefcli.objectives.preference import METHODS
+    """The config as the stage will write it into meta.json: with the defaults it fills in at run time.
 
-        if doc["method"] in METHODS:
-            doc["beta"] = METHODS[doc["method"]].defaults.get("beta")
+    A stage module's `resolve(cfg)`, when it has one, is what it records (rl.py: each
+    method's defaults). The rest mirrors what a stage changes before recording it.
+    """
+    cfg = copy.deepcopy(cfg)
+    resolve = getattr(importlib.import_module(type(cfg).__module__), "resolve", None)
+    if callable(resolve):
+        cfg = resolve(cfg)
+    doc = to_dict(cfg)
+    if type(cfg).__name__ == "PreferenceConfig" and doc["beta"] is None:
+        from prefcli.objectives.preference import METHODS  # preference.py records the method's default beta
+
+        doc["beta"] = METHODS[doc["method"]].defaults.get("beta") if doc["method"] in METHODS else None
+    if type(cfg).__name__ == "RLConfig":
+        if not doc.get("reward_model") and not doc.get("reward_fn"):
+            doc["reward_model"] = ["rm"]  # rl.py: no reward given means the workspace's "rm"
+        k = doc.get("ppo_epochs") or 1  # rl.py: steps and checkpoints fall on whole batches of rollouts
+        if k > 1 and isinstance(doc.get("max_steps"), int):
+            doc["max_steps"], doc["save_every"] = (k * math.ceil(doc[f] / k) for f in ("max_steps", "save_every"))
     return json.loads(json.dumps(doc, default=str))
 
 
