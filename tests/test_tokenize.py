@@ -232,3 +232,14 @@ def test_interrupt_inside_writer_removes_everything(tmp_path):
             (art.path / "model.safetensors").write_bytes(b"partial")
             raise KeyboardInterrupt
     assert not (tmp_path / "ws").exists()
+
+
+def test_parquet_input(cli, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": [f"parquet document {i} about the old mill" for i in range(30)]}), f)
+    r = cli("-w", tmp_path / "ws", "tokenize", "-i", f, "--vocab-size", "300", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["documents"] == 30
