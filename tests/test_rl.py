@@ -190,9 +190,11 @@ def test_rloo_with_a_python_reward_function_sees_every_sample(cli, ws, tmp_path,
                 f.write(json.dumps({{"prompts": prompts, "scores": out}}) + "\\n")
             return out
     """)
+    fast = [a for a in FAST if a not in ("--max-steps", "2")]
     r = cli("-w", ws, "align", "--method", "rloo", "--reward-fn", f"{name}:score", "--prompts", ws.parent / "prompts.jsonl",
-            *FAST, "--json")
+            *fast, "--epochs", "0.8", "--json")
     assert r.code == 0, r.stderr
+    assert r.json()["steps"] == 2  # 0.8 passes over 5 prompts at 2 prompts a step: ceil(4 / 2)
     calls = [json.loads(line) for line in seen.read_text().splitlines()]
     assert len(calls) == 2  # one rollout per step
     for call in calls:
@@ -308,3 +310,29 @@ def test_user_errors_name_the_option_and_change_nothing(cli, ws):
     r = cli("-w", ws, "align", "--method", "grpo", "--prompts", prompts, "--max-tokens", "6")
     assert r.code == 2 and "prefcli reward train" in r.stderr
     assert tree_snapshot(ws) == before
+
+
+def test_torchrun_two_ranks_sample_their_own_prompts(ws, tmp_path):
+    import os
+
+    seen = tmp_path / "seen"
+    (tmp_path / "rank_rewards.py").write_text(textwrap.dedent(f"""
+        import json, os
+
+        def score(prompts, replies):
+            with open({str(seen)!r} + os.environ["RANK"], "a") as f:
+                f.write(json.dumps(prompts) + "\\n")
+            return [float(len(r)) for r in replies]
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "prefcli",
+           "-w", ws, "align", "--method", "grpo", "--reward-fn", "rank_rewards:score", "--prompts", ws.parent / "prompts.jsonl",
+           *FAST, "--json"]
+    done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [[json.loads(line) for line in Path(f"{seen}{r}").read_text().splitlines()] for r in (0, 1)]
+    assert len(steps[0]) == len(steps[1]) == 2
+    # Each rank its own 2 prompts (x 4 samples) per step: the first 4 of the shuffled 5 in step 1.
+    assert all(len(set(p)) == 2 for rank in steps for p in rank)
+    assert not set(steps[0][0]) & set(steps[1][0]) and steps[0][1] != steps[1][1]
+    assert (ws / "models/grpo/model.safetensors").is_file()

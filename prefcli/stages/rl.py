@@ -121,7 +121,7 @@ def resolve(cfg: RLConfig) -> RLConfig:
     if cfg.method not in RL_METHODS:
         raise PrefcliError(f"--method {cfg.method}: not an online RL method", f"choose one of {', '.join(RL_METHODS)}")
     for name, value in METHOD_DEFAULTS[cfg.method].items():
-        if getattr(cfg, name) is None:
+        if getattr(cfg, name) is None and not (name == "max_steps" and cfg.epochs is not None):
             setattr(cfg, name, value)
     if cfg.method == "ppo":
         for name, value in PPO_DEFAULTS.items():
@@ -156,6 +156,15 @@ def resolve(cfg: RLConfig) -> RLConfig:
         raise PrefcliError(f"loss_norm {cfg.loss_norm!r}: use sequence, token or dr_grpo")
     if cfg.reference and cfg.kl_coef == 0:
         raise PrefcliError("--reference: unused with --kl-coef 0", "leave --reference out, or give a KL coefficient")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise PrefcliError(f"--max-steps {cfg.max_steps}: must be at least 1")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise PrefcliError(f"--epochs {cfg.epochs}: must be > 0")
+    # One batch of rollouts serves ppo_epochs steps: steps and checkpoints fall on whole batches.
+    k = cfg.ppo_epochs
+    if cfg.max_steps is not None:
+        cfg.max_steps = k * math.ceil(cfg.max_steps / k)
+    cfg.save_every = k * math.ceil(cfg.save_every / k)
     return cfg
 
 
@@ -427,10 +436,6 @@ def load_value_model(ws: Workspace, cfg: RLConfig, policy_ref: str, tok: Tokeniz
     return value, loaded.parent(), f"policy {policy_ref} with a fresh score head"
 
 
-def _rounded(n: int, k: int) -> int:
-    return k * math.ceil(n / k)
-
-
 def _read_metric_lines(run_dir) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -443,6 +448,7 @@ def count(model: nn.Module | None) -> int:
 # ---------------------------------------------------------------- the stage
 def run(cfg: RLConfig, ws: Workspace) -> dict:
     t0 = time.time()
+    given_steps, given_save = cfg.max_steps, cfg.save_every
     cfg = resolve(cfg)
     out = cfg.out or cfg.method
     policy = load_model_artifact(ws, cfg.policy, "--policy", kind="causal_lm")
@@ -487,20 +493,14 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
         value, value_parent, value_source = load_value_model(ws, cfg, cfg.policy, tok)
     module = RLModel(model, value, cfg.kl_coef)
 
-    steps_per_batch = cfg.ppo_epochs
-    prompts_per_batch = cfg.batch_size // cfg.num_generations * cfg.grad_accum * dist.world_size()
-    if cfg.max_steps is not None:
-        steps = cfg.max_steps
-    elif cfg.epochs is not None:
-        steps = math.ceil(cfg.epochs * len(prompts) / prompts_per_batch) * steps_per_batch
+    if cfg.max_steps is None:  # --epochs: passes over the prompts, in whole batches of rollouts
+        prompts_per_batch = cfg.batch_size // cfg.num_generations * cfg.grad_accum * dist.world_size()
+        steps = math.ceil(cfg.epochs * len(prompts) / prompts_per_batch) * cfg.ppo_epochs
     else:
-        steps = METHOD_DEFAULTS[cfg.method]["max_steps"]
-    if steps < 1:
-        raise PrefcliError(f"--max-steps {steps}: must be at least 1")
+        steps = cfg.max_steps
     save_every = cfg.save_every
-    if steps_per_batch > 1 and (steps % steps_per_batch or save_every % steps_per_batch):
-        steps, save_every = _rounded(steps, steps_per_batch), _rounded(save_every, steps_per_batch)
-        note(f"note: with --ppo-epochs {steps_per_batch}, steps and checkpoints fall on whole batches of rollouts: "
+    if given_steps not in (None, steps) or given_save != save_every:
+        note(f"note: with --ppo-epochs {cfg.ppo_epochs}, steps and checkpoints fall on whole batches of rollouts: "
              f"--max-steps {steps}, --save-every {save_every}")
     tcfg = TrainConfig(max_steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
                        warmup=cfg.warmup, weight_decay=cfg.weight_decay, save_every=save_every, seed=cfg.seed,
@@ -523,7 +523,7 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
     keep = ("reward", "reward_std", "kl", "entropy", "clipfrac", "value_loss", "reply_len", "truncated", "kl_coef")
     metrics = {
         "train_loss": round(summary.get("train_loss", float("nan")), 4),
-        "steps": summary.get("steps"),
+        "steps": summary.get("steps"),  # also when --epochs set them
         "reward_first": round(lines[0]["reward"], 4) if lines and "reward" in lines[0] else None,
         **{k: round(last[k], 4) for k in keep if k in last},
         **{k: round(v, 4) for k, v in last.items() if k.startswith("reward/")},
@@ -532,7 +532,7 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
     # and value passes), and training (forward, backward, update, checkpoints).
     timing = {"seconds_generate": round(seconds["generate"], 1), "seconds_rollout": round(seconds["rollout"], 1),
               "seconds_train": round(train_wall - seconds["rollout"], 1)}
-    config = to_dict(cfg) | {"max_steps": steps, "save_every": save_every}
+    config = to_dict(cfg)
     save_model_artifact(ws, out, trained.policy.float().cpu(), policy.path, kind="causal_lm", stage=f"align {cfg.method}",
                         config=config, parents=parents, metrics=metrics, overwrite=cfg.overwrite or cfg.resume, chat=True,
                         extra_meta={"value_model": f"{out}-value"} if cfg.method == "ppo" else None)
