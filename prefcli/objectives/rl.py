@@ -18,7 +18,6 @@ Conventions
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # ---------------------------------------------------------------- masked statistics
 

@@ -17,7 +17,7 @@ from prefcli.errors import PrefcliError
 from prefcli.model import Transformer, load_model, save_model
 from prefcli.tokenizer import Tokenizer, copy_tokenizer_files
 from prefcli.trainer import TrainConfig, list_checkpoints, steps_for_epochs
-from prefcli.workspace import Workspace, parent_ref, read_meta
+from prefcli.workspace import Workspace, parent_ref, read_meta, sha256_file
 
 
 @dataclass
@@ -49,6 +49,21 @@ def note(message: str) -> None:
         from rich.text import Text
 
         Console(stderr=True).print(Text(message, style="yellow"), soft_wrap=True)
+
+
+def load_token_dataset(ws: Workspace, ref: str, option: str = "--data") -> tuple[Path, dict, Path]:
+    """A token dataset: its folder, its meta, and the folder of the tokenizer it was encoded with."""
+    path = ws.resolve("datasets", ref, option)
+    meta = read_meta(path)
+    if not (path / "train.safetensors").is_file():
+        raise PrefcliError(f"{option}: {path} is not a token dataset (no train.safetensors)", "make one with `prefcli tokenize`")
+    tok_ref = next((p for p in meta.get("parents", []) if p.get("kind") == "tokenizers"), None)
+    tok_path = Path(tok_ref["path"]) if tok_ref else None
+    if tok_path is None or not (tok_path / "tokenizer.json").is_file():
+        raise PrefcliError(f"{option}: the tokenizer of {path} is missing", "re-run `prefcli tokenize`")
+    if meta.get("tokenizer_sha256") and sha256_file(tok_path / "tokenizer.json") != meta["tokenizer_sha256"]:
+        raise PrefcliError(f"{option}: tokenizer {tok_path} changed since {path} was encoded", "re-run `prefcli tokenize --overwrite`")
+    return path, meta, tok_path
 
 
 def generation_config(tok: Tokenizer) -> dict:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
@@ -27,7 +27,7 @@ from prefcli.model import Transformer
 from prefcli.objectives.lm import sequence_logprobs
 from prefcli.objectives.preference import METHODS, chosen_nll_loss, kto_loss, preference_loss
 from prefcli.rewards import build_rewards
-from prefcli.stages.common import load_model_artifact, note, prepare_run, save_model_artifact, train_config
+from prefcli.stages.common import load_model_artifact, prepare_run, save_model_artifact, train_config
 from prefcli.stages.sft import split_val
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap

@@ -10,7 +10,6 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +20,10 @@ from prefcli.data.tokens import TokenArray
 from prefcli.errors import PrefcliError
 from prefcli.generate import generate
 from prefcli.model import Transformer, count_parameters, make_config
-from prefcli.stages.common import load_model_artifact, prepare_run, save_model_artifact, sync_token_ids, train_config
+from prefcli.stages.common import load_model_artifact, load_token_dataset, prepare_run, save_model_artifact, sync_token_ids, train_config
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
-from prefcli.workspace import Workspace, parent_ref, read_meta, sha256_file
+from prefcli.workspace import Workspace, parent_ref, sha256_file
 
 VAL_WINDOWS = 64  # validation windows (fixed, non-overlapping): enough for a steady val loss
 
@@ -62,20 +61,6 @@ class PretrainConfig:
 DEFAULT_STEPS = 600  # about 1.2M tokens of the demo corpus with the tiny preset: ~1 minute on 2 cores
 
 
-def _dataset(ws: Workspace, ref: str) -> tuple[Path, dict, Path]:
-    path = ws.resolve("datasets", ref, "--data")
-    meta = read_meta(path)
-    if not (path / "train.safetensors").is_file():
-        raise PrefcliError(f"--data: {path} is not a token dataset (no train.safetensors)", "make one with `prefcli tokenize`")
-    tok_ref = next((p for p in meta.get("parents", []) if p.get("kind") == "tokenizers"), None)
-    tok_path = Path(tok_ref["path"]) if tok_ref else None
-    if tok_path is None or not (tok_path / "tokenizer.json").is_file():
-        raise PrefcliError(f"--data: the tokenizer of {path} is missing", "re-run `prefcli tokenize`")
-    if meta.get("tokenizer_sha256") and sha256_file(tok_path / "tokenizer.json") != meta["tokenizer_sha256"]:
-        raise PrefcliError(f"--data: tokenizer {tok_path} changed since {path} was encoded", "re-run `prefcli tokenize --overwrite`")
-    return path, meta, tok_path
-
-
 def unigram_loss(ids: torch.Tensor, vocab_size: int) -> float:
     """Cross-entropy (nats/token) of the best context-free model: the token frequencies themselves."""
     counts = torch.bincount(ids, minlength=vocab_size).double()
@@ -85,7 +70,7 @@ def unigram_loss(ids: torch.Tensor, vocab_size: int) -> float:
 
 def run(cfg: PretrainConfig, ws: Workspace) -> dict:
     t0 = time.time()
-    ds_path, ds_meta, tok_path = _dataset(ws, cfg.data)
+    ds_path, ds_meta, tok_path = load_token_dataset(ws, cfg.data)
     tok = Tokenizer(tok_path)
     parents = [parent_ref("datasets", ds_path), parent_ref("tokenizers", tok_path)]
     if cfg.init:

@@ -11,8 +11,6 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from prefcli import distributed as dist
 from prefcli.config import to_dict
 from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pack_rows, pad_batch
