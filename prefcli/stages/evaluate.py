@@ -619,9 +619,9 @@ def run_perplexity(cfg: PerplexityConfig, ws: Workspace) -> dict:
     parents = [lm.parent()]
     data = list(cfg.data) or ["corpus"]
     if len(data) == 1 and _is_dataset_ref(ws, data[0]):
-        from prefcli.stages.pretrain import _dataset
+        from prefcli.stages.common import load_token_dataset
 
-        ds_path, _, tok_path = _dataset(ws, data[0])
+        ds_path, _, tok_path = load_token_dataset(ws, data[0])
         if not same_tokenizer(Tokenizer(tok_path), lm.tokenizer):
             raise PrefcliError(
                 f"--data: dataset {ds_path.name} was encoded with tokenizer {tok_path.name}, not the tokenizer of --model {cfg.model}",
