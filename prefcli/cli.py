@@ -205,6 +205,7 @@ def align(
     clip_range: Optional[float] = typer.Option(None, "--clip-range", help="ppo/grpo: clip the probability ratio to 1 +- this (default 0.2)."),
     vf_coef: Optional[float] = typer.Option(None, "--vf-coef", help="ppo: weight of the value loss (default 0.1)."),
     whiten_rewards: bool = typer.Option(False, "--whiten-rewards", help="ppo: scale per-token rewards by their std before GAE."),
+    attribute: Optional[list[str]] = typer.Option(None, "--attribute", help="steer: NAME=REWARD_MODEL labels each reply's attribute NAME with its reward's rank (repeatable)."),
     max_steps: Optional[int] = MAX_STEPS_OPT,
     epochs: Optional[float] = EPOCHS_OPT,
     batch_size: Optional[int] = BATCH_OPT,
@@ -232,7 +233,8 @@ def align(
                    reward_fn=reward_fn or None, temperature=temperature, max_tokens=max_tokens,
                    reward_model=reward_model or None, value_model=value_model, num_generations=num_generations,
                    kl_coef=kl_coef, kl_target=kl_target, missing_eos_penalty=missing_eos_penalty, ppo_epochs=ppo_epochs,
-                   clip_range=clip_range, vf_coef=vf_coef, whiten_rewards=whiten_rewards or None, max_steps=max_steps, epochs=epochs,
+                   clip_range=clip_range, vf_coef=vf_coef, whiten_rewards=whiten_rewards or None, attribute=attribute or None,
+                   max_steps=max_steps, epochs=epochs,
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, eval_every=eval_every,
                    save_every=save_every, resume=resume or None, compile=compile or None, seed=seed, device=device,
                    out=out, overwrite=overwrite or None)
@@ -317,6 +319,7 @@ def chat(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Print the reply to this one message on stdout and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Plain text continuation without the chat template (base models)."),
+    prefer: Optional[str] = typer.Option(None, "--prefer", help="Steer a model made by `align --method steer`: NAME=WEIGHT,... (e.g. correct=1,polite=0); unnamed attributes keep their defaults (1)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature; 0 is greedy and repeatable (default 0.7)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass (default 0.9)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep only the k most likely tokens; 0 is off (default 0)."),
@@ -329,7 +332,7 @@ def chat(
     """Chat with a model: a REPL on a terminal (/help), or --prompt / piped lines (one reply each) for scripts."""
     from prefcli.stages import chat as stage
 
-    cfg = build_config(stage.ChatConfig, config, "chat", model=model, prompt=prompt, system=system, raw=raw or None,
+    cfg = build_config(stage.ChatConfig, config, "chat", model=model, prompt=prompt, system=system, raw=raw or None, prefer=prefer,
                        temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed,
                        device=device)
     stage.run(cfg, workspace(), as_json=as_json)
@@ -405,6 +408,7 @@ def eval_compare(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k sampling (default 0: off)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens per reply (default 64)."),
     kl: bool = typer.Option(True, "--kl/--no-kl", help="Estimate KL(model || reference) (needs one tokenizer)."),
+    prefer: Optional[list[str]] = typer.Option(None, "--prefer", help="Steer the --model(s) made by `align --method steer`: NAME=WEIGHT,...; repeat it to compare several settings side by side."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts sampled at once (default 64)."),
     seed: Optional[int] = SEED_OPT,
     device: Optional[str] = DEVICE_OPT,
@@ -420,7 +424,7 @@ def eval_compare(
     cfg = build_config(stage.CompareConfig, config, "eval-compare", model=model or None, reference=reference,
                        judge_model=judge_model, prompts=prompts or None, gold=gold or None, limit=limit,
                        samples=samples, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                       kl=None if kl else False, batch_size=batch_size, seed=seed, device=device, out=out,
+                       kl=None if kl else False, prefer=prefer or None, batch_size=batch_size, seed=seed, device=device, out=out,
                        overwrite=overwrite or None, plot=plot or None)
     emit(stage.run_compare(cfg, workspace()), as_json, lambda r: console.print(stage.compare_table(r)))
 

@@ -61,19 +61,22 @@ def _generator(seed: int | torch.Generator | None, device: torch.device) -> torc
 
 
 def _next_logits(model: Transformer, ids: torch.Tensor, cache: KVCache,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None,
+                 embed_offset: torch.Tensor | None = None) -> torch.Tensor:
     """Feed ids [B, T] into the cache; logits [B, V] for the token after the last one."""
-    hidden = model(ids, attention_mask=attention_mask, kv_cache=cache, return_hidden=True)
+    hidden = model(ids, attention_mask=attention_mask, kv_cache=cache, return_hidden=True,
+                   embed_offset=embed_offset)
     return model.lm_head(hidden[:, -1])
 
 
 def _decode(model: Transformer, cache: KVCache, logits: torch.Tensor, completions: list[Completion],
             max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_ids,
-            generator: torch.Generator | None, on_token: Callable[[int, int], None] | None) -> None:
+            generator: torch.Generator | None, on_token: Callable[[int, int], None] | None,
+            embed_offset: torch.Tensor | None = None) -> None:
     """Sample up to max_new_tokens for every row of the cache, appending to completions.
 
     The last sampled token is not fed back (nothing needs its logits). Finished rows are
-    dropped from the cache so the rest decode without them.
+    dropped from the cache (and from a per-row embed_offset) so the rest decode without them.
     """
     stop = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
     active = list(range(len(completions)))  # cache row i belongs to completions[active[i]]
@@ -97,20 +100,25 @@ def _decode(model: Transformer, cache: KVCache, logits: torch.Tensor, completion
             cache.select_rows(keep)
             next_ids = next_ids[keep]
             active = [active[i] for i in keep]
-        logits = _next_logits(model, next_ids[:, None], cache)
+            if embed_offset is not None and embed_offset.dim() == 2 and embed_offset.shape[0] > 1:
+                embed_offset = embed_offset[keep]
+        logits = _next_logits(model, next_ids[:, None], cache, embed_offset=embed_offset)
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids=(), pad_id: int = 0,
              seed: int | torch.Generator | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> list[Completion]:
+             on_token: Callable[[int, int], None] | None = None,
+             embed_offset: torch.Tensor | None = None) -> list[Completion]:
     """Complete each prompt (token ids) with up to max_new_tokens sampled tokens.
 
     Prompts are left-padded with pad_id into one batch sharing one KV cache; a row stops
     at its first token in stop_ids. temperature 0 = greedy. seed: an int or a
     torch.Generator makes sampling repeatable (None uses torch's global RNG).
     on_token(row, token_id) is called for every new token, stop tokens included.
+    embed_offset: [hidden] (every row) or [B, hidden] (per row), added to the embedding of
+    every token, prompt and reply (a steering vector, `prefcli.steer`).
     """
     if model.lm_head is None:
         raise ValueError("generate needs a model with an lm_head")
@@ -132,9 +140,10 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
 
     with fused_projections(model):
         cache = KVCache.for_model(model, len(prompts), longest + max_new_tokens)
-        logits = _next_logits(model, ids, cache, attention_mask=mask)
+        offset = None if embed_offset is None else embed_offset.to(device).expand(len(prompts), -1)
+        logits = _next_logits(model, ids, cache, attention_mask=mask, embed_offset=offset)
         _decode(model, cache, logits, completions, max_new_tokens, temperature, top_k, top_p,
-                stop_ids, _generator(seed, device), on_token)
+                stop_ids, _generator(seed, device), on_token, offset)
     return completions
 
 
@@ -143,15 +152,17 @@ class ChatSession:
 
     append(ids) prefills only the new ids; sample() continues from everything so far.
     `tokens` is the whole conversation; `length` its size; `max_len` the most it can hold
-    (default: the model's context, at most 4096).
+    (default: the model's context, at most 4096). embed_offset [hidden]: a steering vector
+    added to every token's embedding (`prefcli.steer`); set_embed_offset changes it.
     """
 
-    def __init__(self, model: Transformer, max_len: int | None = None):
+    def __init__(self, model: Transformer, max_len: int | None = None, embed_offset: torch.Tensor | None = None):
         if model.lm_head is None:
             raise ValueError("a chat session needs a model with an lm_head")
         self.model = model
         self.max_len = max_len or min(model.config.max_position_embeddings, 4096)
         self.cache = KVCache.for_model(model, 1, self.max_len)
+        self.embed_offset = None if embed_offset is None else embed_offset.reshape(1, -1).to(self.cache.seen.device)
         self.tokens: list[int] = []
         self.finished = False  # did the last sample() end on a stop token
         self._fed = 0  # tokens[:_fed] are in the cache
@@ -167,7 +178,7 @@ class ChatSession:
         if new:
             ids = torch.tensor([new], dtype=torch.long, device=self.cache.seen.device)
             with fused_projections(self.model):
-                self._logits = _next_logits(self.model, ids, self.cache)
+                self._logits = _next_logits(self.model, ids, self.cache, embed_offset=self.embed_offset)
             self._fed = len(self.tokens)
 
     def append(self, ids: list[int]) -> None:
@@ -196,7 +207,7 @@ class ChatSession:
         stream = (lambda _row, token: on_token(token)) if on_token is not None else None
         with fused_projections(self.model):
             _decode(self.model, self.cache, self._logits, [completion], budget, temperature, top_k, top_p,
-                    stop_ids, _generator(seed, self.cache.seen.device), stream)
+                    stop_ids, _generator(seed, self.cache.seen.device), stream, self.embed_offset)
         self.finished = completion.finished
         # The cache now also holds all sampled tokens but the last; that one is fed with the next turn.
         self.tokens.extend(completion.tokens)
@@ -207,6 +218,13 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation."""
         self.truncate(0)
+
+    def set_embed_offset(self, embed_offset: torch.Tensor | None) -> None:
+        """Steer from now on; the conversation so far is kept and prefilled again with the new offset."""
+        self.embed_offset = None if embed_offset is None else embed_offset.reshape(1, -1).to(self.cache.seen.device)
+        self.cache.crop(0)
+        self._fed = 0
+        self._logits = None
 
     @torch.inference_mode()
     def truncate(self, n: int) -> None:

@@ -512,18 +512,23 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
+                kv_cache: KVCache | None = None, return_hidden: bool = False,
+                embed_offset: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab], or the final normed hidden states [B, T, hidden] if return_hidden.
 
         attention_mask: [B, T] 1 = token, 0 = padding (left or right). Without position_ids,
         positions count real tokens only (as HF generate does), so a left-padded row gives the
         same outputs as the row alone. document_ids: [B, T] packed documents; attention never
         crosses documents and positions restart at each. kv_cache: append these tokens to the
-        cache and attend over everything in it.
+        cache and attend over everything in it. embed_offset: added to the token embeddings,
+        [B, hidden] (one vector per sequence, every token) or anything that broadcasts to
+        [B, T, hidden]; the steering of `prefcli.steer` (None: the plain model).
         """
         if document_ids is not None and kv_cache is not None:
             raise ValueError("document_ids (packed training rows) cannot be used with a KV cache")
         x = self.model.embed_tokens(input_ids)
+        if embed_offset is not None:
+            x = x + (embed_offset[:, None] if embed_offset.dim() == 2 else embed_offset).to(x.dtype)
         T = input_ids.shape[1]
         start = kv_cache.length if kv_cache is not None else 0
         limit = int(position_ids.max()) + 1 if position_ids is not None else start + T

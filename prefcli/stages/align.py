@@ -26,6 +26,9 @@ for _name, _doc in (
     ("rloo", "online: N samples per prompt, REINFORCE with the others' mean as baseline; Ahmadian et al. 2024"),
 ):
     METHODS[_name] = ("prefcli.stages.rl", "RLConfig", _doc)
+METHODS["steer"] = ("prefcli.stages.steer", "SteerConfig",
+                    "conditional SFT: NLL of each reply given W (its attribute vector - defaults) added to every "
+                    "token embedding; SteerLM, Dong et al. 2023; CTRL, Keskar et al. 2019")
 
 
 def method_config(method: str):

@@ -33,6 +33,7 @@ from prefcli.chat_format import ROLES
 from prefcli.errors import PrefcliError
 from prefcli.generate import ChatSession
 from prefcli.stages.common import Loaded, load_model_artifact
+from prefcli.steer import CONFIG_FILE as STEER_CONFIG, load_steering
 from prefcli.tokenizer import Tokenizer
 from prefcli.workspace import Workspace, read_meta
 
@@ -45,6 +46,7 @@ class ChatConfig:
     raw: bool = False
     prompt: str | None = None
     system: str | None = None
+    prefer: str | None = None  # steering (a model made by align --method steer): NAME=WEIGHT,...
     temperature: float = 0.7
     top_p: float = 0.9
     top_k: int = 0
@@ -191,13 +193,15 @@ class Conversation:
         self.use(loaded, name, raw)
 
     def use(self, loaded: Loaded, name: str, raw: bool) -> None:
-        """Switch to another model; the messages stay."""
+        """Switch to another model; the messages stay (a steered model starts at its defaults)."""
         self.loaded, self.name, self.raw = loaded, name, raw
         self.tok = loaded.tokenizer
         self.session = ChatSession(loaded.model, self.max_len_override)
         self.stop_ids = self.tok.stop_ids(chat=not raw)
         device = loaded.model.model.embed_tokens.weight.device
         self.generator = None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+        self.steering = load_steering(loaded.path, loaded.model.config.hidden_size, device)  # None: not steerable
+        self.prefs: dict[str, float] = {}
 
     @property
     def max_len(self) -> int:
@@ -316,8 +320,25 @@ class Conversation:
             self.messages.append({"role": "assistant", "content": result.text})
         return result
 
+    def steered(self, where: str):
+        """The model's steering (prefcli.steer.Steering); an error for a model without."""
+        if self.steering is None:
+            raise PrefcliError(f"{where}: {self.name} has no steering weights ({STEER_CONFIG})",
+                               "steer a model made by `prefcli align --method steer`")
+        return self.steering
+
+    def prefer(self, spec: str | None, where: str = "/prefer") -> None:
+        """Steer: set the attributes named in spec (NAME=WEIGHT,...; the others keep theirs), or with
+        None go back to the defaults. The conversation stays; the next turn prefills it again."""
+        steering = self.steered(where)
+        self.prefs = {**self.prefs, **steering.parse(spec, where)} if spec is not None else {}
+        self.session.set_embed_offset(steering.offset(self.prefs))
+
     def document(self) -> dict:
-        return {"model": self.name, "path": str(self.loaded.path), "raw": self.raw, "messages": self.messages}
+        doc = {"model": self.name, "path": str(self.loaded.path), "raw": self.raw, "messages": self.messages}
+        if self.steering is not None:
+            doc["prefer"] = dict(zip(self.steering.attributes, self.steering.vector(self.prefs).tolist()))
+        return doc
 
 
 # ----------------------------------------------------------------------------- loading
@@ -373,6 +394,7 @@ HELP = """\
 /save FILE            write the conversation as JSON messages
 /load FILE            read a conversation written by /save (or --json)
 /model NAME|PATH      switch models; the conversation stays
+/prefer NAME=W,...    steer a model made by align --method steer (no args: show; 'default': reset)
 /quit                 leave (so does Ctrl-D)
 Ctrl-C stops a reply (what was shown stays in the history); //text sends a line starting with '/'."""
 
@@ -474,6 +496,10 @@ def _command(conv: Conversation, line: str, ws: Workspace, device) -> bool:
             raise PrefcliError("/load: needs a file name", "e.g. /load chat.json")
         conv.load(read_messages(arg))
         _note(f"loaded {len(conv.messages)} messages from {arg}")
+    elif name == "prefer":
+        if arg:
+            conv.prefer(None if arg == "default" else arg)
+        _note(f"preferences: {conv.steered('/prefer').describe(conv.prefs)}")
     elif name == "model":
         if not arg:
             _note(f"model: {conv.name} ({conv.loaded.path}{', raw' if conv.raw else ''})")
@@ -537,6 +563,8 @@ def run(cfg: ChatConfig, ws: Workspace, as_json: bool = False) -> dict:
     if note:
         _note(note)
     conv = Conversation(loaded, ref, raw=raw, sampling=sampling, seed=cfg.seed, force_raw=cfg.raw)
+    if cfg.prefer is not None:
+        conv.prefer(cfg.prefer, "--prefer")
     if cfg.system:
         conv.set_system(cfg.system)
 

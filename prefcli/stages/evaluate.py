@@ -273,13 +273,13 @@ def reward_accuracy(rm: Loaded, pairs: list[Pair], *, batch_size: int = 64, gold
 # ============================================================== sampling and comparing
 def sample_replies(lm: Loaded, prompts: list[list[dict]], *, samples: int = 1, temperature: float = 1.0,
                    top_k: int = 0, top_p: float = 1.0, max_tokens: int = 64, seed: int = 0,
-                   batch_size: int = 64, bar=None) -> list[dict]:
+                   batch_size: int = 64, bar=None, embed_offset: torch.Tensor | None = None) -> list[dict]:
     """`samples` replies per prompt, flat (prompt i's sample j at i * samples + j).
 
     Each: prompt_ids, tokens (the stop token included when hit), logprobs (raw, from
     generate), finished, length (tokens without the stop token), text. Every model draws
     from its own generator seeded with `seed` (common random numbers: two copies of one
-    model sample the very same replies).
+    model sample the very same replies). embed_offset: a steering vector (`prefcli.steer`).
     """
     tok, model = lm.tokenizer, lm.model
     prompt_ids = [tok.chat_ids(m, add_generation_prompt=True) for m in prompts]
@@ -290,7 +290,8 @@ def sample_replies(lm: Loaded, prompts: list[list[dict]], *, samples: int = 1, t
     for first in range(0, len(order), batch_size):
         idx = order[first:first + batch_size]
         done = generate(model, [prompt_ids[i] for i in idx], max_new_tokens=max_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, stop_ids=stop, pad_id=tok.pad_id, seed=gen)
+                        top_k=top_k, top_p=top_p, stop_ids=stop, pad_id=tok.pad_id, seed=gen,
+                        embed_offset=embed_offset)
         for i, c in zip(idx, done):
             content = c.tokens[:-1] if c.finished else c.tokens
             out.append({"prompt_ids": prompt_ids[i], "tokens": c.tokens, "logprobs": c.logprobs,
@@ -347,7 +348,7 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
             reference_name: str = "reference", judge_model: Loaded | None = None, gold: bool | None = None,
             samples: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
             max_tokens: int = 64, seed: int = 0, batch_size: int = 64, kl: bool = True,
-            limit: int | None = None) -> dict:
+            limit: int | None = None, offsets: dict[str, torch.Tensor] | None = None) -> dict:
     """Sample replies from each model (and the reference) and measure them side by side.
 
     models: {name: Loaded} (only .model and .tokenizer are used). prompts: lists of chat
@@ -357,6 +358,7 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
     by the gold judge's overall score and per attribute, win rate by judge_model reward
     (ties count half), and KL(model || reference) estimated on the model's samples as the
     mean over samples of sum_t [log p(y_t) - log r(y_t)] (kl=True needs one tokenizer).
+    offsets: {model name: steering vector's embedding offset} for steered models (`prefcli.steer`).
     Returns the result dict documented in README (eval compare).
     """
     if prompts is None:
@@ -392,8 +394,10 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
     # A model passed twice (as a policy and as the reference) is sampled once: with one seed
     # per model its replies would be the same anyway.
     distinct = {id(lm): lm for _, lm in runs}
+    offset_of = {id(lm): (offsets or {}).get(name) for name, lm in runs}  # a steered model is its own Loaded
     with progress(per_model * len(distinct), "eval compare", unit="batch") as bar:
-        drawn = {key: sample_replies(lm, prompts, bar=bar, **sampling) for key, lm in distinct.items()}
+        drawn = {key: sample_replies(lm, prompts, bar=bar, embed_offset=offset_of[key], **sampling)
+                 for key, lm in distinct.items()}
     gens = [[dict(s) for s in drawn[id(lm)]] for _, lm in runs]
 
     flat_prompts = [m for m in prompts for _ in range(samples)]
@@ -535,6 +539,7 @@ class CompareConfig:
     seed: int = 0
     batch_size: int = 64
     kl: bool = True
+    prefer: list[str] = field(default_factory=list)  # steering settings, each a column per steered model
     device: str = "auto"
     out: str | None = None
     overwrite: bool = False
@@ -697,6 +702,12 @@ def run_compare(cfg: CompareConfig, ws: Workspace) -> dict:
         ref_path = ws.resolve("models", ref_name, "--reference").resolve()
         same = [lm for lm in models.values() if Path(lm.path).resolve() == ref_path]
         reference = same[0] if same else load_model_artifact(ws, ref_name, "--reference", kind="causal_lm", device=device)
+    parents = [lm.parent() for lm in models.values()]
+    offsets = None
+    if cfg.prefer:
+        from prefcli.steer import steered_models
+
+        models, offsets = steered_models(models, cfg.prefer)
     judge = load_model_artifact(ws, cfg.judge_model, "--judge-model", kind="reward", device=device) if cfg.judge_model else None
     for x in (reference, judge):
         if x is not None:
@@ -711,8 +722,7 @@ def run_compare(cfg: CompareConfig, ws: Workspace) -> dict:
     res = compare(models, reference, prompts, reference_name=display_name(reference) if reference else "reference",
                   judge_model=judge, gold=gold, samples=cfg.samples, temperature=cfg.temperature, top_k=cfg.top_k,
                   top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
-                  kl=cfg.kl, limit=cfg.limit)
-    parents = [lm.parent() for lm in models.values()]
+                  kl=cfg.kl, limit=cfg.limit, offsets=offsets)
     parents += [x.parent() for x in (reference, judge) if x is not None] + data_parents
     metrics = {}
     for m, st in res["models"].items():
