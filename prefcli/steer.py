@@ -169,7 +169,7 @@ class SteeredLM(nn.Module):
 
 
 def steered_models(models: dict, specs: list[str], option: str = "--prefer") -> tuple[dict, dict]:
-    """Every steered model once per preference setting, e.g. {"steer [correct=0]": Loaded}, and
+    """Every steered model once per preference setting, e.g. {"steer (correct=0)": Loaded}, and
     {that name: its embedding offset}. Models without steering stay as they are."""
     import dataclasses
 
@@ -183,7 +183,7 @@ def steered_models(models: dict, specs: list[str], option: str = "--prefer") -> 
         steered += 1
         for spec in specs:
             prefs = steering.parse(spec, option)
-            key = f"{name} [{spec.replace(' ', '')}]"
+            key = f"{name} ({spec.replace(' ', '')})"  # not [..]: rich tables read that as markup
             out[key] = dataclasses.replace(lm)  # its own Loaded: sampled on its own, with its offset
             offsets[key] = steering.offset(prefs)
     if not steered:

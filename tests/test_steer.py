@@ -350,14 +350,21 @@ def test_eval_compare_prefer_columns(cli, ws):
             "--prefer", "polite=1", "--limit", "3", "--max-tokens", "6", "--json")
     assert r.code == 0, r.stderr
     doc = r.json()
-    assert list(doc["models"]) == ["steered [polite=0]", "steered [polite=1]"]
+    assert list(doc["models"]) == ["steered (polite=0)", "steered (polite=1)"]
     texts = lambda key: [r["text"] for row in doc["samples"] for r in (row["reference"] if key is None  # noqa: E731
                                                                       else row["replies"][key])]
     # At the defaults the steered model is the plain folder (the reference, same seed): the same replies.
-    assert texts("steered [polite=1]") == texts(None)
-    assert texts("steered [polite=0]") != texts(None)
-    assert doc["models"]["steered [polite=1]"]["vs_reference"]["kl"]["mean"] == pytest.approx(0, abs=1e-4)
-    assert doc["models"]["steered [polite=0]"]["gold"]["polite"]["n"] == 3
+    assert texts("steered (polite=1)") == texts(None)
+    assert texts("steered (polite=0)") != texts(None)
+    assert doc["models"]["steered (polite=1)"]["vs_reference"]["kl"]["mean"] == pytest.approx(0, abs=1e-4)
+    assert doc["models"]["steered (polite=0)"]["gold"]["polite"]["n"] == 3
+    from rich.console import Console
+
+    from prefcli.stages.evaluate import compare_table
+
+    console = Console(record=True, width=200)
+    console.print(compare_table(doc))
+    assert "steered (polite=0)" in console.export_text()  # the column names survive rich's markup
 
 
 def test_bad_prefer_is_one_line_exit_2(cli, ws):
