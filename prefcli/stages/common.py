@@ -21,6 +21,29 @@ from prefcli.workspace import Workspace, parent_ref, read_meta, sha256_file
 
 
 @dataclass
+class TrainingOptions:
+    """The options every training stage shares (README: "Training options").
+
+    A stage's config derives from this and redeclares a field to change its default.
+    """
+
+    max_steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 10
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    save_every: int = 100
+    resume: bool = False
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+
+
+@dataclass
 class Loaded:
     model: Transformer
     tokenizer: Tokenizer

@@ -27,7 +27,7 @@ from prefcli.model import Transformer
 from prefcli.objectives.lm import sequence_logprobs
 from prefcli.objectives.preference import METHODS, chosen_nll_loss, kto_loss, preference_loss
 from prefcli.rewards import build_rewards
-from prefcli.stages.common import load_model_artifact, prepare_run, save_model_artifact, train_config
+from prefcli.stages.common import TrainingOptions, load_model_artifact, prepare_run, save_model_artifact, train_config
 from prefcli.stages.sft import split_val
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
@@ -35,7 +35,7 @@ from prefcli.workspace import Workspace
 
 
 @dataclass
-class PreferenceConfig:
+class PreferenceConfig(TrainingOptions):
     method: str = "dpo"
     data: list[str] = field(default_factory=list)  # empty: the built-in demo pairs
     policy: str = "sft"
@@ -57,20 +57,8 @@ class PreferenceConfig:
     temperature: float = 1.0
     max_tokens: int = 64
     val_fraction: float = 0.05
-    max_steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 32
-    grad_accum: int = 1
     lr: float = 1e-4
-    warmup: int = 10
-    weight_decay: float = 0.0
     eval_every: int = 0
-    save_every: int = 100
-    resume: bool = False
-    compile: bool = False
-    seed: int = 0
-    device: str = "auto"
-    overwrite: bool = False
 
 
 DEFAULT_STEPS = 120

@@ -20,7 +20,7 @@ from prefcli.data.tokens import TokenArray
 from prefcli.errors import PrefcliError
 from prefcli.generate import generate
 from prefcli.model import Transformer, count_parameters, make_config
-from prefcli.stages.common import load_model_artifact, load_token_dataset, prepare_run, save_model_artifact, sync_token_ids, train_config
+from prefcli.stages.common import TrainingOptions, load_model_artifact, load_token_dataset, prepare_run, save_model_artifact, sync_token_ids, train_config
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace, parent_ref, sha256_file
@@ -29,7 +29,7 @@ VAL_WINDOWS = 64  # validation windows (fixed, non-overlapping): enough for a st
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainingOptions):
     data: str = "corpus"
     init: str | None = None
     size: str = "tiny"
@@ -39,22 +39,15 @@ class PretrainConfig:
     kv_heads: int | None = None
     ffn_dim: int | None = None
     context: int | None = None
-    max_steps: int | None = None
     tokens: int | None = None
     batch_size: int = 16
-    grad_accum: int = 1
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.1
     eval_every: int = 100
     save_every: int = 200
-    resume: bool = False
-    compile: bool = False
     fsdp: bool = False
-    seed: int = 0
-    device: str = "auto"
     out: str = "base"
-    overwrite: bool = False
     sample_tokens: int = 48
 
 

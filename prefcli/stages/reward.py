@@ -22,7 +22,7 @@ from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.model import Transformer
 from prefcli.objectives.reward import bradley_terry_loss
-from prefcli.stages.common import load_model_artifact, note, prepare_run, save_model_artifact, train_config
+from prefcli.stages.common import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
 from prefcli.stages.sft import split_val
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
@@ -30,26 +30,13 @@ from prefcli.workspace import Workspace
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(TrainingOptions):
     data: list[str] = field(default_factory=list)  # empty: the built-in demo pairs
     base: str | None = None  # default: sft if it exists, else base
     out: str = "rm"
     center_rewards: float = 0.0
     val_fraction: float = 0.05
-    max_steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 32
-    grad_accum: int = 1
     lr: float = 5e-4
-    warmup: int = 10
-    weight_decay: float = 0.0
-    eval_every: int = 50
-    save_every: int = 100
-    resume: bool = False
-    compile: bool = False
-    seed: int = 0
-    device: str = "auto"
-    overwrite: bool = False
 
 
 DEFAULT_STEPS = 150  # ~2.4 passes over the 2,000 demo pairs at batch 32

@@ -17,33 +17,19 @@ from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pack_rows
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.objectives.lm import lm_loss
-from prefcli.stages.common import load_model_artifact, note, prepare_run, save_model_artifact, train_config
+from prefcli.stages.common import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
 from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrainingOptions):
     data: list[str] = field(default_factory=list)  # empty: the built-in demo chats
     policy: str = "base"
     out: str = "sft"
     train_on_prompt: bool = False
     pack: bool = True
     val_fraction: float = 0.05
-    max_steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup: int = 10
-    weight_decay: float = 0.0
-    eval_every: int = 50
-    save_every: int = 100
-    resume: bool = False
-    compile: bool = False
-    seed: int = 0
-    device: str = "auto"
-    overwrite: bool = False
 
 
 DEFAULT_STEPS = 150  # ~1.6 passes over the 3,000 demo chats at batch 32

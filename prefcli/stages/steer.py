@@ -29,7 +29,7 @@ from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pad_batch
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.objectives.lm import lm_loss
-from prefcli.stages.common import load_model_artifact, note, prepare_run, save_model_artifact, train_config
+from prefcli.stages.common import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
 from prefcli.stages.sft import split_val
 from prefcli.steer import SteeredLM, Steering
 from prefcli.trainer import Trainer, unwrap
@@ -37,26 +37,12 @@ from prefcli.workspace import Workspace
 
 
 @dataclass
-class SteerConfig:
+class SteerConfig(TrainingOptions):
     data: list[str] = field(default_factory=list)  # empty: demo chats + demo pairs, labelled by the gold judge
     attribute: list[str] = field(default_factory=list)  # NAME=REWARD_MODEL: labels from reward models
     policy: str = "sft"
     out: str = "steer"
     val_fraction: float = 0.05
-    max_steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup: int = 10
-    weight_decay: float = 0.0
-    eval_every: int = 50
-    save_every: int = 100
-    resume: bool = False
-    compile: bool = False
-    seed: int = 0
-    device: str = "auto"
-    overwrite: bool = False
 
 
 DEFAULT_STEPS = 300  # ~1.4 passes over the 7,000 labelled demo replies at batch 32
