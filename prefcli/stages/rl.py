@@ -16,8 +16,9 @@ method's loss (all of it in prefcli/objectives/rl.py):
 
 The value model is a separate model (as InstructGPT and TRL's PPOTrainer), not a second
 head on the policy: it starts from the reward model, which already reads replies, and
-value-loss gradients never move the policy. It costs one more model and its optimizer
-state (see the README's memory table). Trained together, the policy and the value model
+value-loss gradients never move the policy. It costs a second trained model: weights,
+gradients and AdamW state, 16 bytes a parameter in float32 (a 7B policy: +112 GB), which a
+shared backbone would save. Trained together, the policy and the value model
 sit in one module (`RLModel`: parameters policy.* and value.*) so the Trainer's one
 checkpoint holds both; at the end they are saved as models/<out> and models/<out>-value.
 
