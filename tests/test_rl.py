@@ -171,10 +171,13 @@ def test_ppo_with_a_reward_model_trains_a_value_model_from_it(cli, ws):
     rm, value = weights(ws, "rm"), weights(ws, "ppo-value")
     assert rm.keys() == value.keys()  # the same layout: a backbone and a score head, no lm_head
     assert any(not torch.equal(rm[k], value[k]) for k in rm)  # and it was trained
-    # Without a reward model to start from, the value model is the policy with a fresh head.
+    # Without a reward model to start from, the value model is the policy with a fresh head
+    # (here also without a reference, and with whitened rewards).
     r = cli("-w", ws, "align", "--method", "ppo", "--reward-fn", "demo", "--prompts", ws.parent / "prompts.jsonl",
-            *FAST[:2], "--batch-size", "4", "--max-steps", "2", "--device", "cpu", "--out", "ppo2", "--json")
+            *FAST[:2], "--batch-size", "4", "--max-steps", "2", "--device", "cpu", "--out", "ppo2", "--kl-coef", "0",
+            "--whiten-rewards", "--json")
     assert r.code == 0, r.stderr
+    assert r.json()["reference"] is None and "value_loss" in metric_lines(ws, "ppo2")[-1]
     meta = json.loads((ws / "models/ppo2-value/meta.json").read_text())
     assert meta["initialised_from"] == "policy sft with a fresh score head"
 

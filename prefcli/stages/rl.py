@@ -62,9 +62,9 @@ RL_METHODS = ("ppo", "grpo", "rloo")
 # What each method gets when an option is not given. Sized for the built-in demo on 2 CPU
 # cores (a ~1M-parameter sft model): about a minute of training that lifts the gold judge.
 METHOD_DEFAULTS = {
-    "ppo": dict(num_generations=1, batch_size=32, kl_coef=0.05, ppo_epochs=2, lr=1e-4, max_steps=40),
-    "grpo": dict(num_generations=8, batch_size=64, kl_coef=0.04, ppo_epochs=1, lr=1e-4, max_steps=30),
-    "rloo": dict(num_generations=8, batch_size=64, kl_coef=0.05, ppo_epochs=1, lr=1e-4, max_steps=30),
+    "ppo": dict(num_generations=1, batch_size=32, kl_coef=0.05, ppo_epochs=2, lr=2e-4, max_steps=40),
+    "grpo": dict(num_generations=8, batch_size=64, kl_coef=0.04, ppo_epochs=1, lr=2e-4, max_steps=30),
+    "rloo": dict(num_generations=8, batch_size=64, kl_coef=0.05, ppo_epochs=1, lr=2e-4, max_steps=30),
 }
 PPO_ONLY = ("value_model", "vf_coef", "value_clip", "gamma", "lam", "whiten_rewards")
 
