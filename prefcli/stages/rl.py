@@ -267,8 +267,8 @@ class Rollouts:
 
         Timings: the Trainer calls this at the start of each micro-batch and has no end-of-
         step hook, so the time since the last rollout ended is training (the previous
-        micro-batch's forward, backward and update). Each is reported times grad_accum, so
-        the Trainer's mean over micro-batches gives the step's total.
+        micro-batch's forward, backward and update; 0 on a process's first step). Each is
+        reported times grad_accum, so the Trainer's mean over micro-batches is the step's total.
         """
         start = time.perf_counter()
         train_s = start - self.mark if self.mark is not None else 0.0
