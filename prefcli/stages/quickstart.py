@@ -64,7 +64,7 @@ def _steps(cfg: QuickstartConfig, ws: Workspace) -> list[Step]:
             options = dict(method=method, reward_model=["rm"], max_steps=3 if fast else None, **common)
             steps.append(Step(method, f"prefcli align --method {method} --reward-model rm",
                               lambda o=options, m=method: align.run(m, o, None, ws),
-                              lambda r: f"mean reward {r.get('mean_reward', '?')}"))
+                              lambda r: f"mean reward {r.get('reward_first')} -> {r.get('reward')}, KL {r.get('kl')}"))
     return steps
 
 
