@@ -20,7 +20,7 @@ from prefcli.workspace import Workspace
 class QuickstartConfig:
     size: str = "tiny"
     fast: bool = False  # a much shorter run, for smoke tests
-    methods: list[str] = field(default_factory=lambda: ["dpo", "grpo"])
+    methods: list[str] = field(default_factory=lambda: ["dpo", "ppo"])  # ppo: best gold win rate per second of the online methods
     eval_prompts: int = 300
     seed: int = 0
     device: str = "auto"
@@ -77,7 +77,7 @@ def run(cfg: QuickstartConfig, ws: Workspace, console) -> dict:
     if unknown:
         raise PrefcliError(f"--methods: {', '.join(unknown)} cannot be used here", f"choose from {', '.join(m for m in METHODS if m != 'sft')}")
     targets = [("tokenizers", "default"), ("datasets", "corpus"), ("models", "base"), ("models", "sft"), ("models", "rm")]
-    targets += [("models", m) for m in cfg.methods]
+    targets += [("models", m) for m in cfg.methods] + [("models", "ppo-value")] * ("ppo" in cfg.methods)
     if not cfg.overwrite:
         taken = [f"{k}/{n}" for k, n in targets if ws.exists(k, n)]
         if taken:
