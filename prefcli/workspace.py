@@ -30,7 +30,7 @@ _TMP, _LOCKS = ".tmp", ".locks"
 # Which singular kind each folder holds, for messages.
 _SINGULAR = {"tokenizers": "tokenizer", "datasets": "dataset", "models": "model", "runs": "run", "evals": "eval"}
 # The command that makes each default artifact, for hints.
-_MAKER = {"tokenizers": "prefcli tokenize", "datasets": "prefcli tokenize", "models": "prefcli pretrain"}
+_MAKER = {"tokenizers": "prefcli tokenize", "datasets": "prefcli tokenize", "models": "prefcli pretrain|align|reward train"}
 
 
 def default_root() -> Path:
@@ -131,7 +131,7 @@ class Workspace:
             path = self.folder(kind) / ref_s
             if not path.exists():
                 maker = _MAKER.get(kind)
-                hint = f"run `{maker}` first, " if maker else ""
+                hint = f"make it with `{maker}`, " if maker else ""
                 raise PrefcliError(
                     f"{option}: no {_SINGULAR[kind]} named '{ref_s}' in {self.folder(kind)}",
                     f"{hint}pass another name (see `prefcli ls`) or a path to a folder",
