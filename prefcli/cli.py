@@ -451,7 +451,8 @@ def _pct(summary: dict | None) -> str:
     if not summary or summary.get("rate") is None:
         return "-"
     lo, hi = summary["ci"]
-    return f"{100 * summary['rate']:.0f} ({100 * lo:.0f}-{100 * hi:.0f})"
+    half = max(hi - summary["rate"], summary["rate"] - lo)
+    return f"{100 * summary['rate']:.0f}±{100 * half:.0f}"
 
 
 def _quickstart_report(r: dict) -> None:
@@ -462,7 +463,7 @@ def _quickstart_report(r: dict) -> None:
         stages.add_row(s["stage"], f"{s['seconds']:.1f}", s["metric"])
     console.print(stages)
     cmp = r["comparison"]
-    table = Table(title=f"against sft on {cmp['prompts']} held-out prompts, gold judge, % (95% interval)",
+    table = Table(title=f"against sft on {cmp['prompts']} held-out prompts, gold judge, % ± 95% interval",
                   title_justify="left")
     for col in ("model", "good", "win", "correct", "polite", "concise", "RM win", "KL", "dist-2", "len"):
         table.add_column(col)
