@@ -232,44 +232,13 @@ class Workspace:
         return final
 
     @contextlib.contextmanager
-    def create(self, kind: str, name: str, *, stage: str, config: dict, parents: list[dict] = (),
-               overwrite: bool = False, meta_kind: str | None = None):
-        """Write an artifact atomically.
-
-        Yields an `Artifact` whose `path` is a temporary folder; on a clean exit
-        meta.json is written (with the sha256 of every file) and the folder is
-        renamed into place. On any exception, Ctrl-C included, the temporary
-        folder is removed and the workspace is left as it was.
-        """
-        final = self.check_writable(kind, name, overwrite)
+    def _writing(self, kind: str, name: str):
+        """Hold the name's lock while an artifact is written; on failure undo the folders made for it."""
         created = self._prepare_root()
         kind_dir_created = not self.folder(kind).exists()
         try:
             with self.lock(kind, name):
-                tmp = self.root / _TMP / f"{kind}-{name}-{uuid.uuid4().hex[:8]}.pid{os.getpid()}"
-                tmp.mkdir()
-                art = Artifact(kind, name, tmp, {
-                    "kind": meta_kind or _SINGULAR[kind],
-                    "name": name,
-                    "prefcli_version": __version__,
-                    "created": _now(),
-                    "stage": stage,
-                    "config": config,
-                    "parents": list(parents),
-                    "metrics": {},
-                })
-                try:
-                    yield art
-                    art.meta["files"] = {
-                        str(p.relative_to(tmp)): sha256_file(p)
-                        for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != META
-                    }
-                    (tmp / META).write_text(json.dumps(art.meta, indent=2, default=str) + "\n")
-                    self.folder(kind).mkdir(parents=True, exist_ok=True)
-                    _replace_dir(tmp, final)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
+                yield
         except BaseException:
             if kind_dir_created and self.folder(kind).exists() and not any(self.folder(kind).iterdir()):
                 self.folder(kind).rmdir()
@@ -283,25 +252,51 @@ class Workspace:
                 with contextlib.suppress(OSError):
                     d.rmdir()
 
+    @contextlib.contextmanager
+    def create(self, kind: str, name: str, *, stage: str, config: dict, parents: list[dict] = (),
+               overwrite: bool = False, meta_kind: str | None = None):
+        """Write an artifact atomically.
+
+        Yields an `Artifact` whose `path` is a temporary folder; on a clean exit
+        meta.json is written (with the sha256 of every file) and the folder is
+        renamed into place. On any exception, Ctrl-C included, the temporary
+        folder is removed and the workspace is left as it was.
+        """
+        final = self.check_writable(kind, name, overwrite)
+        with self._writing(kind, name):
+            tmp = self.root / _TMP / f"{kind}-{name}-{uuid.uuid4().hex[:8]}.pid{os.getpid()}"
+            tmp.mkdir()
+            art = Artifact(kind, name, tmp, {
+                "kind": meta_kind or _SINGULAR[kind],
+                "name": name,
+                "prefcli_version": __version__,
+                "created": _now(),
+                "stage": stage,
+                "config": config,
+                "parents": list(parents),
+                "metrics": {},
+            })
+            try:
+                yield art
+                art.meta["files"] = {
+                    str(p.relative_to(tmp)): sha256_file(p)
+                    for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != META
+                }
+                (tmp / META).write_text(json.dumps(art.meta, indent=2, default=str) + "\n")
+                self.folder(kind).mkdir(parents=True, exist_ok=True)
+                _replace_dir(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+
     def write_json(self, kind: str, name: str, doc: dict, *, overwrite: bool = False) -> Path:
         """Write a one-file JSON artifact (evals/<name>.json) atomically."""
         final = self.check_writable(kind, name, overwrite)
-        created = self._prepare_root()
-        try:
-            with self.lock(kind, name):
-                self.folder(kind).mkdir(parents=True, exist_ok=True)
-                tmp = self.root / _TMP / f"{kind}-{name}.json.pid{os.getpid()}"
-                tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-                os.replace(tmp, final)
-        except BaseException:
-            for d in reversed(created):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-            raise
-        finally:
-            for d in (self.root / _TMP, self.root / _LOCKS):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        with self._writing(kind, name):
+            self.folder(kind).mkdir(parents=True, exist_ok=True)
+            tmp = self.root / _TMP / f"{kind}-{name}.json.pid{os.getpid()}"
+            tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+            os.replace(tmp, final)
         return final
 
     # ---- listing -----------------------------------------------------------
