@@ -25,6 +25,7 @@ def _sft_reply(row):
 def _training_prompts(seed=0):
     return ({_sft_prompt(r) for r in demo.sft_conversations(seed)}
             | {p["prompt"] for p in demo.preference_pairs("train", seed)}
+            | {p["prompt"] for p in demo.preference_pairs("reward", seed)}
             | {p["prompt"] for p in demo.rl_prompts(seed)})
 
 
@@ -37,14 +38,15 @@ def test_sizes_and_row_shapes():
         assert roles in (["user", "assistant"], ["system", "user", "assistant"])
         assert all(isinstance(m["content"], str) and m["content"] for m in row["messages"])
     train, heldout = demo.preference_pairs("train"), demo.preference_pairs("heldout")
-    assert (len(train), len(heldout)) == (2000, 300)
-    assert all(set(p) == {"prompt", "chosen", "rejected"} for p in train + heldout)
+    reward = demo.preference_pairs("reward")
+    assert (len(train), len(reward), len(heldout)) == (2000, 6000, 300)
+    assert all(set(p) == {"prompt", "chosen", "rejected"} for p in train + reward + heldout)
     assert len(demo.rl_prompts()) == 1000 and len(demo.eval_prompts()) == 300
     assert all(set(p) == {"prompt"} for p in demo.rl_prompts() + demo.eval_prompts())
 
 
 def test_judge_agrees_with_every_pair():
-    for split in ("train", "heldout"):
+    for split in ("train", "reward", "heldout"):
         for p in demo.preference_pairs(split):
             chosen = demo.judge(p["prompt"], p["chosen"])
             rejected = demo.judge(p["prompt"], p["rejected"])
@@ -53,6 +55,20 @@ def test_judge_agrees_with_every_pair():
             # one or two flaws: the preference is about something specific
             flaws = sum(rejected[a] == 0.0 for a in demo.ATTRIBUTES)
             assert flaws in (1, 2), p
+
+
+def test_reward_pairs_are_mostly_about_correctness_and_show_off_topic_replies():
+    # What the SFT policy gets wrong most is correctness, so the reward model's pairs weigh it.
+    pairs = demo.preference_pairs("reward")
+    lacks = [{a for a in demo.ATTRIBUTES if demo.judge(p["prompt"], p["rejected"])[a] == 0.0} for p in pairs]
+    wrong_only = sum(f == {"correct"} for f in lacks) / len(pairs)
+    assert 0.45 < wrong_only < 0.55  # wrong 35% + off-topic 15%
+    # off-topic: the good reply to a question of another category (for a sum: no number at all;
+    # a wrong, rude or rambling reply to a sum still names one)
+    off_topic = [p for p in pairs if demo.prompt_category(p["prompt"]) == "sum"
+                 and not any(c.isdigit() for c in p["rejected"])]
+    assert 0.1 < len(off_topic) / 2000 < 0.2
+    assert all(demo.judge(p["prompt"], p["rejected"])["correct"] == 0.0 for p in off_topic)
 
 
 def test_heldout_prompts_never_in_training_splits():
@@ -247,7 +263,7 @@ def test_unknown_split_is_a_user_error():
 
 def test_write_demo_files(tmp_path):
     paths = demo.write_demo_files(tmp_path / "demo")
-    assert set(paths) == {"corpus", "sft", "pairs_train", "pairs_heldout", "rl_prompts",
+    assert set(paths) == {"corpus", "sft", "pairs_train", "pairs_reward", "pairs_heldout", "rl_prompts",
                           "eval_prompts"}
 
     def rows(name):
@@ -256,6 +272,7 @@ def test_write_demo_files(tmp_path):
     assert [r["text"] for r in rows("corpus")] == list(demo.corpus_documents())
     assert rows("sft") == demo.sft_conversations()
     assert rows("pairs_train") == demo.preference_pairs("train")
+    assert rows("pairs_reward") == demo.preference_pairs("reward")
     assert rows("pairs_heldout") == demo.preference_pairs("heldout")
     assert rows("rl_prompts") == demo.rl_prompts()
     assert rows("eval_prompts") == demo.eval_prompts()

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Iterator
 
 from prefcli.data.demo.corpus import make_corpus
+from prefcli.data.demo.judge import judge
 from prefcli.data.demo.prompts import CATEGORIES, heldout_tasks, training_tasks
 from prefcli.data.demo.replies import write_reply
 from prefcli.errors import PrefcliError
 
-SFT_SIZE, PAIRS_TRAIN_SIZE, RL_SIZE = 3000, 2000, 1000
+SFT_SIZE, PAIRS_TRAIN_SIZE, REWARD_PAIRS_SIZE, RL_SIZE = 3000, 2000, 6000, 1000
 
 # Demonstrations are good a bit more than half the time, like real ones.
 SFT_FLAW_MIX = ((frozenset(), 0.55),
@@ -29,6 +30,17 @@ SFT_FLAW_MIX = ((frozenset(), 0.55),
 REJECTED_FLAW_MIX = ((frozenset({"rude"}), 0.28), (frozenset({"wrong"}), 0.28),
                      (frozenset({"rambling"}), 0.24), (frozenset({"rude", "wrong"}), 0.07),
                      (frozenset({"wrong", "rambling"}), 0.07), (frozenset({"rude", "rambling"}), 0.06))
+
+# The reward model's comparisons weigh what the SFT policy actually gets wrong: sampled at
+# temperature 1 it is polite ~78% and concise ~82% of the time but correct only ~33%. Judging
+# correctness means checking a sum, a fact or a name against the prompt, which a tiny reward
+# model learns only from many such pairs: on 2,000 pairs of the mix above its held-out accuracy
+# on wrong-only pairs was 0.57 (chance); on 6,000 of this mix, 0.85.
+# "off-topic" is a good reply to a question of another category (a kind note to a sum): an
+# online policy finds that loophole at once when no pair ever shows it.
+REWARD_FLAW_MIX = ((frozenset({"wrong"}), 0.35), (frozenset({"off-topic"}), 0.15), (frozenset({"rude"}), 0.15),
+                   (frozenset({"rambling"}), 0.15), (frozenset({"rude", "wrong"}), 0.065),
+                   (frozenset({"wrong", "rambling"}), 0.065), (frozenset({"rude", "rambling"}), 0.07))
 
 SYSTEM_PROMPTS = ("You are a helpful assistant in the town of Millbrook.",
                   "You are the Millbrook town assistant.",
@@ -76,12 +88,22 @@ def _heldout_in_order(seed: int) -> list:
 @lru_cache(maxsize=8)
 def _pairs(split: str, seed: int) -> tuple:
     r = random.Random(f"demo-pairs-{split}-{seed}")
-    tasks = training_tasks(PAIRS_TRAIN_SIZE, r) if split == "train" else _heldout_in_order(seed)
+    if split == "heldout":
+        tasks = _heldout_in_order(seed)
+    else:
+        tasks = training_tasks(REWARD_PAIRS_SIZE if split == "reward" else PAIRS_TRAIN_SIZE, r)
+    mix = REWARD_FLAW_MIX if split == "reward" else REJECTED_FLAW_MIX
     rows = []
-    for task in tasks:
-        flaws, style = _flaws(REJECTED_FLAW_MIX, r), r.getrandbits(32)
-        rows.append((task.prompt, write_reply(task, frozenset(), style),
-                     write_reply(task, flaws, style)))
+    for i, task in enumerate(tasks):
+        flaws, style = _flaws(mix, r), r.getrandbits(32)
+        if flaws == {"off-topic"}:  # the good reply to the next task of another category
+            # ...that does not answer this one by chance ("Clara, you are brave" to "Whose pet is Clover?")
+            rejected = next(reply for t in tasks[i + 1:] + tasks[:i] if t.category != task.category
+                            for reply in [write_reply(t, frozenset(), style)]
+                            if not judge(task.prompt, reply)["correct"])
+        else:
+            rejected = write_reply(task, flaws, style)
+        rows.append((task.prompt, write_reply(task, frozenset(), style), rejected))
     return tuple(rows)
 
 
@@ -101,9 +123,10 @@ def sft_conversations(seed: int = 0) -> list[dict]:
 
 
 def preference_pairs(split: str = "train", seed: int = 0) -> list[dict]:
-    """{"prompt", "chosen", "rejected"} rows: "train" (2000) or "heldout" (300)."""
-    if split not in ("train", "heldout"):
-        raise PrefcliError(f"unknown demo split {split!r}", hint="use 'train' or 'heldout'")
+    """{"prompt", "chosen", "rejected"} rows: "train" (2000, for DPO and its relatives),
+    "reward" (6000, mostly wrong-vs-right, for reward models) or "heldout" (300)."""
+    if split not in ("train", "reward", "heldout"):
+        raise PrefcliError(f"unknown demo split {split!r}", hint="use 'train', 'reward' or 'heldout'")
     return [{"prompt": p, "chosen": c, "rejected": j} for p, c, j in _pairs(split, seed)]
 
 
@@ -133,6 +156,7 @@ def write_demo_files(folder: Path, seed: int = 0) -> dict[str, Path]:
         "corpus": _write_jsonl(folder / "corpus.jsonl", ({"text": d} for d in corpus_documents(seed))),
         "sft": _write_jsonl(folder / "sft.jsonl", sft_conversations(seed)),
         "pairs_train": _write_jsonl(folder / "pairs_train.jsonl", preference_pairs("train", seed)),
+        "pairs_reward": _write_jsonl(folder / "pairs_reward.jsonl", preference_pairs("reward", seed)),
         "pairs_heldout": _write_jsonl(folder / "pairs_heldout.jsonl", preference_pairs("heldout", seed)),
         "rl_prompts": _write_jsonl(folder / "rl_prompts.jsonl", rl_prompts(seed)),
         "eval_prompts": _write_jsonl(folder / "eval_prompts.jsonl", eval_prompts(seed)),
