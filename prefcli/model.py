@@ -230,8 +230,9 @@ class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        # Uninitialised: attention only reads positions below `length`, which are always written first.
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.has_padding = False
@@ -260,13 +261,48 @@ class KVCache:
         self.has_padding = not bool(self.key_mask[:, :n].all())
 
     def select_rows(self, rows: torch.Tensor | list[int]) -> None:
-        """Keep only these batch rows (e.g. drop finished sequences from a batch)."""
+        """Keep these batch rows, in this order; a row may repeat (one prefilled prompt, several replies)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.seen.device)
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
+        n = self.length
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_empty((len(rows),) + t.shape[1:])
+            out[:, :, :n] = t[:, :, :n].index_select(0, rows)  # positions past `length` hold nothing yet
+            return out
+
+        self.k = [pick(k) for k in self.k]
+        self.v = [pick(v) for v in self.v]
         self.key_mask = self.key_mask.index_select(0, rows)
         self.seen = self.seen.index_select(0, rows)
         self.has_padding = not bool(self.key_mask[:, :self.length].all())
+
+    def keep_rows(self, rows: list[int]) -> list[int]:
+        """Keep only these batch rows (distinct), in place; returns the new order (old index of each row).
+
+        Cheaper than select_rows when most rows stay (finished replies leaving a batch): each
+        dropped row below the new batch size is overwritten by a kept row from the end, and the
+        cache becomes a view of its first len(rows) rows. Only the moved rows are copied.
+        """
+        n = len(rows)
+        kept = set(rows)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [r for r in rows if r >= n]
+        order = list(range(n))
+        for h, m in zip(holes, movers):
+            order[h] = m
+        if holes:
+            dst = torch.tensor(holes, device=self.seen.device)
+            src = torch.tensor(movers, device=self.seen.device)
+            for t in self.k + self.v:
+                t[dst, :, :self.length] = t[src, :, :self.length]
+            self.key_mask[dst] = self.key_mask[src]
+            self.seen[dst] = self.seen[src]
+        self.k = [k[:n] for k in self.k]
+        self.v = [v[:n] for v in self.v]
+        self.key_mask, self.seen = self.key_mask[:n], self.seen[:n]
+        if self.has_padding:
+            self.has_padding = not bool(self.key_mask[:, :self.length].all())
+        return order
 
 
 # ----------------------------------------------------------------------------- layers
