@@ -350,6 +350,22 @@ def concat_linears(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | Non
     return weight, bias
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one query per row (a decode step): q [B, H, 1, D], k/v [B, KV, S, D] -> [B, H, 1, D].
+
+    mask: None, or [B, 1, 1, S] (True = may attend). On CPU two batched matmuls are ~1.5x
+    faster than SDPA's kernel at these shapes. The query heads that share a key head (GQA)
+    stand in for the query positions, so keys and values are never repeated.
+    """
+    B, H, _, D = q.shape
+    KV = k.shape[1]
+    scores = (q * D ** -0.5).view(B, KV, H // KV, D) @ k.transpose(-1, -2)  # [B, KV, H/KV, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).view(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -376,10 +392,13 @@ class Attention(nn.Module):
             cache.v[self.layer][:, :, start:start + T] = v
             k = cache.k[self.layer][:, :, :start + T]
             v = cache.v[self.layer][:, :, :start + T]
-        if KV != H and not _SDPA_HAS_GQA:
-            k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
-        gqa = {"enable_gqa": True} if KV != H and _SDPA_HAS_GQA else {}
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
+        if T == 1 and x.device.type == "cpu":
+            y = one_query_attention(q, k, v, mask)
+        else:
+            if KV != H and not _SDPA_HAS_GQA:
+                k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+            gqa = {"enable_gqa": True} if KV != H and _SDPA_HAS_GQA else {}
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
         return F.linear(y.transpose(1, 2).reshape(B, T, H * self.head_dim), self.o_proj.weight)
 
 
