@@ -83,6 +83,19 @@ def _generator(seed: int | torch.Generator | None, device: torch.device) -> torc
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def _sample_with_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next ids [B] and their raw log-probs (log_softmax of the logits as they are: temperature 1, no filter)."""
+    logits = logits.float()
+    shifted = logits - logits.amax(-1, keepdim=True)
+    weights = shifted.exp()  # softmax numerators
+    if temperature == 1 and not top_k and top_p >= 1:
+        next_ids = sample_rows(weights, generator)  # online RL's case: one exp serves the draw and the log-prob
+    else:
+        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+    return next_ids, shifted.gather(-1, next_ids[:, None]).squeeze(-1) - weights.sum(-1).log()
+
+
 def _next_logits(model: Transformer, ids: torch.Tensor, cache: KVCache,
                  attention_mask: torch.Tensor | None = None,
                  embed_offset: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,11 +126,9 @@ def _decode(model: Transformer, cache: KVCache, logits: torch.Tensor, completion
     active = list(range(rows))  # cache row i belongs to completions[active[i]]
     where = torch.arange(rows, device=logits.device)  # the same, as a tensor
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
-        logits = logits.float()
+        next_ids, next_logprobs = _sample_with_logprobs(logits, temperature, top_k, top_p, generator)
         tokens[step].index_copy_(0, where, next_ids)
-        logprobs[step].index_copy_(0, where, logits.gather(-1, next_ids[:, None]).squeeze(-1)
-                                   - logits.logsumexp(-1))  # raw log_softmax at the sampled token
+        logprobs[step].index_copy_(0, where, next_logprobs)
         if on_token is not None:
             for row, token in sorted(zip(active, next_ids.tolist())):
                 on_token(row, token)

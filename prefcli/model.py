@@ -527,6 +527,16 @@ class Transformer(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} positions; {start} + {T} do not fit")
         new_valid = attention_mask.bool() if attention_mask is not None else None
         key_valid = new_valid  # [B, S] which keys are real tokens (None = all)
+        if cache is not None and T == 1 and new_valid is None and position_ids is None and document_ids is None:
+            # A decode step (one real token per row), the hot path of generation: the token's position
+            # is its row's count of real tokens, and it may see every real key, itself included
+            # (key_mask is True past `length`).
+            if not cache.has_padding:
+                cache.seen += 1
+                return None, None, False
+            position_ids = cache.seen[:, None].clone()
+            cache.seen += 1
+            return position_ids, cache.key_mask[:, None, None, :start + 1], False
         if cache is not None:
             if new_valid is not None:
                 cache.key_mask[:, start:start + T] = new_valid
