@@ -87,13 +87,13 @@ def _sample_with_logprobs(logits: torch.Tensor, temperature: float, top_k: int, 
                           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next ids [B] and their raw log-probs (log_softmax of the logits as they are: temperature 1, no filter)."""
     logits = logits.float()
-    shifted = logits - logits.amax(-1, keepdim=True)
-    weights = shifted.exp()  # softmax numerators
-    if temperature == 1 and not top_k and top_p >= 1:
-        next_ids = sample_rows(weights, generator)  # online RL's case: one exp serves the draw and the log-prob
-    else:
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
-    return next_ids, shifted.gather(-1, next_ids[:, None]).squeeze(-1) - weights.sum(-1).log()
+    if temperature == 1 and not top_k and top_p >= 1:  # online RL's case: one exp serves the draw and the log-prob
+        shifted = logits - logits.amax(-1, keepdim=True)
+        weights = shifted.exp()  # softmax numerators
+        next_ids = sample_rows(weights, generator)
+        return next_ids, shifted.gather(-1, next_ids[:, None]).squeeze(-1) - weights.sum(-1).log()
+    next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+    return next_ids, torch.log_softmax(logits, dim=-1).gather(-1, next_ids[:, None]).squeeze(-1)
 
 
 def _next_logits(model: Transformer, ids: torch.Tensor, cache: KVCache,

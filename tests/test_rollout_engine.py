@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import prefcli.model
+
 from prefcli.generate import generate, inverse_cdf, sample_next, sample_rows
 from prefcli.model import KVCache, Transformer, make_config, one_query_attention
 
@@ -105,10 +107,15 @@ def test_rows_finishing_at_different_times_equal_each_prompt_alone():
     assert stream == [(r, c.tokens[s]) for s in range(12) for r, c in enumerate(out) if s < len(c.tokens)]
 
 
-def test_sampled_logprobs_match_a_full_forward_pass():
+def test_sampled_logprobs_match_a_full_forward_pass(monkeypatch):
     model = make_model(seed=1)
-    prompts = [prompt(3, 1)] * 3 + [prompt(6, 2)] * 3 + [prompt(1, 3)]  # repeats and left padding
+    # Repeats, left padding, and 24 rows x 4 heads: the one-query attention path while decoding.
+    prompts = [prompt(3, 1)] * 10 + [prompt(6, 2)] * 10 + [prompt(1, 3)] * 4
+    calls = []
+    monkeypatch.setattr(prefcli.model, "one_query_attention",
+                        lambda *a: calls.append(a[0].shape[0]) or one_query_attention(*a))
     out = generate(model, prompts, max_new_tokens=10, temperature=1.0, stop_ids=list(range(5, 15)), seed=4)
+    assert calls and calls[0] >= 16
     assert len({len(c.tokens) for c in out}) > 2
     with torch.no_grad():
         for p, c in zip(prompts, out):
