@@ -355,8 +355,9 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention of one query per row (a decode step): q [B, H, 1, D], k/v [B, KV, S, D] -> [B, H, 1, D].
 
     mask: None, or [B, 1, 1, S] (True = may attend). On CPU, for a batch of rollouts, two
-    batched matmuls beat SDPA's kernel (by up to 1.5x at 64 rows x 4 heads). The query heads that share a key head (GQA)
-    stand in for the query positions, so keys and values are never repeated.
+    batched matmuls beat SDPA's kernel (by up to 1.5x at 64 rows x 4 heads). The query heads
+    that share a key head (GQA) stand in for the query positions, so keys and values are
+    never repeated.
     """
     B, H, _, D = q.shape
     KV = k.shape[1]
