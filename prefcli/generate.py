@@ -44,20 +44,56 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def sample_rows(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of weights [B, V] (>= 0, each row with a positive sum), drawn with
+    probability weight / row sum: inverse CDF with one uniform per row.
+
+    Exact up to float64 rounding of the running sums; much cheaper than torch.multinomial,
+    which dominated decoding on CPU.
+    """
+    u = torch.rand(weights.shape[0], 1, dtype=torch.float64, device=weights.device, generator=generator)
+    return inverse_cdf(weights, u)
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The index each uniform u [B, 1] in [0, 1) selects from weights [B, V] (see sample_rows)."""
+    cdf = weights.double().cumsum(-1)
+    # A target in (0, total]: the first index whose running sum reaches it always exists and has
+    # a positive weight (a zero weight adds nothing, so it can never be the first to reach it).
+    target = (1 - u) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(-1)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]; temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logits = logits.float()
+    if temperature != 1:
+        logits = logits / temperature
+    logits = filter_logits(logits, top_k, top_p)
+    # exp(logits - max): the softmax without its division (sample_rows takes unnormalised weights).
+    return sample_rows((logits - logits.amax(-1, keepdim=True)).exp(), generator)
 
 
 def _generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator | None:
     if seed is None or isinstance(seed, torch.Generator):
         return seed
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def _sample_with_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next ids [B] and their raw log-probs (log_softmax of the logits as they are: temperature 1, no filter)."""
+    logits = logits.float()
+    if temperature == 1 and not top_k and top_p >= 1:  # online RL's case: one exp serves the draw and the log-prob
+        shifted = logits - logits.amax(-1, keepdim=True)
+        weights = shifted.exp()  # softmax numerators
+        next_ids = sample_rows(weights, generator)
+        return next_ids, shifted.gather(-1, next_ids[:, None]).squeeze(-1) - weights.sum(-1).log()
+    next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+    return next_ids, torch.log_softmax(logits, dim=-1).gather(-1, next_ids[:, None]).squeeze(-1)
 
 
 def _next_logits(model: Transformer, ids: torch.Tensor, cache: KVCache,
@@ -75,34 +111,51 @@ def _decode(model: Transformer, cache: KVCache, logits: torch.Tensor, completion
             embed_offset: torch.Tensor | None = None) -> None:
     """Sample up to max_new_tokens for every row of the cache, appending to completions.
 
-    The last sampled token is not fed back (nothing needs its logits). Finished rows are
-    dropped from the cache (and from a per-row embed_offset) so the rest decode without them.
+    The last sampled token is not fed back (nothing needs its logits). Finished rows leave
+    the cache (and a per-row embed_offset) so the rest decode without them. Tokens and
+    log-probs stay in tensors until the end: no per-row Python work per step.
     """
-    stop = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
-    active = list(range(len(completions)))  # cache row i belongs to completions[active[i]]
+    if max_new_tokens <= 0:
+        return
+    stop = torch.tensor(sorted({stop_ids} if isinstance(stop_ids, int) else set(stop_ids)), dtype=torch.long,
+                        device=logits.device)
+    rows = len(completions)
+    tokens = torch.empty(max_new_tokens, rows, dtype=torch.long, device=logits.device)  # [step, row]
+    logprobs = torch.empty(max_new_tokens, rows, dtype=torch.float32, device=logits.device)
+    ends = [max_new_tokens] * rows  # number of tokens of each row
+    active = list(range(rows))  # cache row i belongs to completions[active[i]]
+    where = torch.arange(rows, device=logits.device)  # the same, as a tensor
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, next_ids[:, None]).squeeze(-1)
-        keep = []
-        for i, (token, logprob) in enumerate(zip(next_ids.tolist(), logprobs.tolist())):
-            c = completions[active[i]]
-            c.tokens.append(token)
-            c.logprobs.append(logprob)
-            if on_token is not None:
-                on_token(active[i], token)
-            if token in stop:
-                c.finished = True
-            else:
-                keep.append(i)
+        next_ids, next_logprobs = _sample_with_logprobs(logits, temperature, top_k, top_p, generator)
+        tokens[step].index_copy_(0, where, next_ids)
+        logprobs[step].index_copy_(0, where, next_logprobs)
+        if on_token is not None:
+            for row, token in sorted(zip(active, next_ids.tolist())):
+                on_token(row, token)
+        keep = range(len(active))
+        if len(stop):
+            done = torch.isin(next_ids, stop)
+            if bool(done.any()):
+                keep = []
+                for i, d in enumerate(done.tolist()):
+                    if d:
+                        ends[active[i]] = step + 1
+                        completions[active[i]].finished = True
+                    else:
+                        keep.append(i)
         if not keep or step == max_new_tokens - 1:
-            return
+            break
         if len(keep) < len(active):
-            cache.select_rows(keep)
-            next_ids = next_ids[keep]
-            active = [active[i] for i in keep]
+            order = cache.keep_rows(keep)
+            next_ids = next_ids[order]
+            active = [active[i] for i in order]
+            where = torch.tensor(active, device=logits.device)
             if embed_offset is not None and embed_offset.dim() == 2 and embed_offset.shape[0] > 1:
-                embed_offset = embed_offset[keep]
+                embed_offset = embed_offset[order]
         logits = _next_logits(model, next_ids[:, None], cache, embed_offset=embed_offset)
+    for c, end, toks, lps in zip(completions, ends, tokens.T.tolist(), logprobs.T.tolist()):
+        c.tokens.extend(toks[:end])
+        c.logprobs.extend(lps[:end])
 
 
 @torch.inference_mode()
@@ -128,10 +181,17 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     if not prompts or max_new_tokens <= 0:
         return completions
     device = model.model.embed_tokens.weight.device
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for i, p in enumerate(prompts):
+    # Online RL samples several replies per prompt: prefill each distinct prompt once and copy its
+    # cache rows (unless per-row steering vectors make equal prompts differ).
+    distinct, row_of = prompts, None
+    if embed_offset is None or embed_offset.dim() == 1 or embed_offset.shape[0] == 1:
+        first: dict[tuple[int, ...], int] = {}
+        row_of = [first.setdefault(tuple(p), len(first)) for p in prompts]
+        distinct = [list(p) for p in first]
+    longest = max(len(p) for p in distinct)
+    ids = torch.full((len(distinct), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(distinct), longest), dtype=torch.long)
+    for i, p in enumerate(distinct):
         ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, longest - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
@@ -139,9 +199,13 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         mask = None  # equal lengths: no padding mask, plain causal attention
 
     with fused_projections(model):
-        cache = KVCache.for_model(model, len(prompts), longest + max_new_tokens)
-        offset = None if embed_offset is None else embed_offset.to(device).expand(len(prompts), -1)
+        cache = KVCache.for_model(model, len(distinct), longest + max_new_tokens)
+        # [1, hidden] (every row) or [B, hidden] (per row); both broadcast over the tokens.
+        offset = None if embed_offset is None else embed_offset.to(device).reshape(-1, embed_offset.shape[-1])
         logits = _next_logits(model, ids, cache, attention_mask=mask, embed_offset=offset)
+        if len(distinct) < len(prompts):
+            cache.select_rows(row_of)
+            logits = logits[row_of]
         _decode(model, cache, logits, completions, max_new_tokens, temperature, top_k, top_p,
                 stop_ids, _generator(seed, device), on_token, offset)
     return completions

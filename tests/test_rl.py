@@ -124,7 +124,7 @@ def test_training_forward_gives_the_sampling_logprobs():
     torch.manual_seed(0)
     policy = Transformer(make_config("tiny", 50, layers=2, dim=32, heads=2, context=64))
     prompts = [[1, 5, 9, 4, 3], [1, 7], [1, 8, 8]]
-    outs = generate(policy, prompts, max_new_tokens=7, stop_ids=[2, 3, 4], pad_id=0, seed=3)
+    outs = generate(policy, prompts, max_new_tokens=7, stop_ids=[2, 3, 4], pad_id=0, seed=6)
     assert len({len(o.tokens) for o in outs}) > 1  # ragged replies, so padding is exercised
     r = assemble(prompts, outs, pad_id=0)
     logits, values = RLModel(policy)(r.input_ids, r.attention_mask, r.start)
