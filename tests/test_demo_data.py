@@ -62,12 +62,12 @@ def test_reward_pairs_are_mostly_about_correctness_and_show_off_topic_replies():
     pairs = demo.preference_pairs("reward")
     lacks = [{a for a in demo.ATTRIBUTES if demo.judge(p["prompt"], p["rejected"])[a] == 0.0} for p in pairs]
     wrong_only = sum(f == {"correct"} for f in lacks) / len(pairs)
-    assert 0.45 < wrong_only < 0.55  # wrong 35% + off-topic 15%
+    assert 0.5 < wrong_only < 0.6  # wrong 45% + off-topic 10%
     # off-topic: the good reply to a question of another category (for a sum: no number at all;
     # a wrong, rude or rambling reply to a sum still names one)
     off_topic = [p for p in pairs if demo.prompt_category(p["prompt"]) == "sum"
                  and not any(c.isdigit() for c in p["rejected"])]
-    assert 0.1 < len(off_topic) / 2000 < 0.2
+    assert 0.05 < len(off_topic) / 2000 < 0.15
     assert all(demo.judge(p["prompt"], p["rejected"])["correct"] == 0.0 for p in off_topic)
 
 

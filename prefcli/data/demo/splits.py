@@ -35,12 +35,12 @@ REJECTED_FLAW_MIX = ((frozenset({"rude"}), 0.28), (frozenset({"wrong"}), 0.28),
 # temperature 1 it is polite ~78% and concise ~82% of the time but correct only ~33%. Judging
 # correctness means checking a sum, a fact or a name against the prompt, which a tiny reward
 # model learns only from many such pairs: on 2,000 pairs of the mix above its held-out accuracy
-# on wrong-only pairs was 0.57 (chance); on 6,000 of this mix, 0.85.
+# on wrong-only pairs was 0.57 (chance); on 6,000 of this mix, 0.90.
 # "off-topic" is a good reply to a question of another category (a kind note to a sum): an
 # online policy finds that loophole at once when no pair ever shows it.
-REWARD_FLAW_MIX = ((frozenset({"wrong"}), 0.35), (frozenset({"off-topic"}), 0.15), (frozenset({"rude"}), 0.15),
-                   (frozenset({"rambling"}), 0.15), (frozenset({"rude", "wrong"}), 0.065),
-                   (frozenset({"wrong", "rambling"}), 0.065), (frozenset({"rude", "rambling"}), 0.07))
+REWARD_FLAW_MIX = ((frozenset({"wrong"}), 0.45), (frozenset({"off-topic"}), 0.10), (frozenset({"rude"}), 0.12),
+                   (frozenset({"rambling"}), 0.12), (frozenset({"rude", "wrong"}), 0.07),
+                   (frozenset({"wrong", "rambling"}), 0.07), (frozenset({"rude", "rambling"}), 0.07))
 
 SYSTEM_PROMPTS = ("You are a helpful assistant in the town of Millbrook.",
                   "You are the Millbrook town assistant.",
