@@ -493,7 +493,7 @@ def _quickstart_report(r: dict) -> None:
 def quickstart(
     size: Optional[str] = typer.Option(None, "--size", help="Model size preset (default tiny: ~1M parameters)."),
     fast: bool = typer.Option(False, "--fast", help="A much shorter run (seconds, not minutes), for smoke tests."),
-    methods: Optional[list[str]] = typer.Option(None, "--method", help="Alignment methods to run after sft (repeatable; default dpo and ppo)."),
+    methods: Optional[list[str]] = typer.Option(None, "--method", help="Alignment methods to run after sft (repeatable; default dpo and rloo)."),
     eval_prompts: Optional[int] = typer.Option(None, "--eval-prompts", help="Held-out prompts for the final comparison (default 300)."),
     seed: Optional[int] = SEED_OPT,
     device: Optional[str] = DEVICE_OPT,

@@ -8,10 +8,10 @@ def test_quickstart_fast_runs_every_stage_and_reports(cli, tmp_path, capsys):
     r = cli("-w", ws, "quickstart", "--fast", "--json")
     assert r.code == 0, r.stderr
     out = r.json()
-    assert [s["stage"] for s in out["stages"]] == ["tokenize", "pretrain", "sft", "reward", "dpo", "ppo", "eval"]
+    assert [s["stage"] for s in out["stages"]] == ["tokenize", "pretrain", "sft", "reward", "dpo", "rloo", "eval"]
     cmp = out["comparison"]
     assert cmp["reference"] == "sft" and cmp["prompts"] == 30 and cmp["gold_judge"]
-    for name in ("dpo", "ppo"):
+    for name in ("dpo", "rloo"):
         model = cmp["models"][name]
         assert 0 <= model["gold"]["good"]["rate"] <= 1
         assert model["vs_reference"]["win_rate_gold"]["n"] == 30

@@ -20,7 +20,7 @@ from prefcli.workspace import Workspace
 class QuickstartConfig:
     size: str = "tiny"
     fast: bool = False  # a much shorter run, for smoke tests
-    methods: list[str] = field(default_factory=lambda: ["dpo", "ppo"])  # ppo: best gold win rate per second of the online methods
+    methods: list[str] = field(default_factory=lambda: ["dpo", "rloo"])  # rloo: best gold win rate per second of the online methods
     eval_prompts: int = 300
     seed: int = 0
     device: str = "auto"
