@@ -118,3 +118,28 @@ def test_reward_model_trains_and_transformers_scores_the_same(cli, chat_ws):
     with torch.no_grad():
         theirs = float(hf(torch.tensor([ids])).logits[0, 0])
     assert theirs == pytest.approx(ours, abs=1e-4)
+
+
+def test_reward_length_groups_give_the_scores_and_gradients_of_one_pass():
+    from prefcli.model import Transformer, make_config
+    from prefcli.stages.reward import last_token_scores
+
+    torch.manual_seed(0)
+    model = Transformer(make_config("tiny", 64), score_head=True)
+    model.lm_head = None
+    lengths = [3, 11, 5, 20, 7, 2, 16, 9]  # right-padded rows of very different lengths
+    ids = torch.zeros((len(lengths), 24), dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, 64, (n,))
+        attn[i, :n] = 1
+    results = []
+    for groups in (1, 3):
+        model.zero_grad()
+        scores = last_token_scores(model, ids, attn, groups)
+        (scores * torch.arange(1.0, 9.0)).sum().backward()  # a different weight per row: order matters
+        results.append((scores.detach(), model.model.embed_tokens.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-5)
+    # and they are the model's own last-token scores
+    torch.testing.assert_close(results[0][0], model.sequence_scores(ids, attention_mask=attn).float(), atol=1e-5, rtol=1e-5)
