@@ -143,3 +143,27 @@ def test_reward_length_groups_give_the_scores_and_gradients_of_one_pass():
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-5)
     # and they are the model's own last-token scores
     torch.testing.assert_close(results[0][0], model.sequence_scores(ids, attention_mask=attn).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_length_groups_give_the_sequence_logprobs_of_one_pass():
+    from prefcli.model import Transformer, make_config
+    from prefcli.objectives.lm import sequence_logprobs
+    from prefcli.stages.common import in_length_groups
+
+    torch.manual_seed(1)
+    model = Transformer(make_config("tiny", 64))
+    lengths = [4, 19, 6, 12, 2, 9]
+    ids = torch.zeros((len(lengths), 20), dtype=torch.long)
+    attn, loss_mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, 64, (n,))
+        attn[i, :n] = 1
+        loss_mask[i, n // 2:n] = 1  # the reply: the second half
+
+    def logps(rows, width):
+        x = ids[rows, :width]
+        return sequence_logprobs(model(x, attention_mask=attn[rows, :width]), x, loss_mask[rows, :width])
+
+    (lp1, n1), (lp3, n3) = in_length_groups(logps, attn, 1), in_length_groups(logps, attn, 3)
+    torch.testing.assert_close(lp3, lp1, atol=1e-5, rtol=1e-5)
+    assert n3.tolist() == n1.tolist() == [n - n // 2 for n in lengths]  # the reply tokens of each row

@@ -27,7 +27,8 @@ from prefcli.model import Transformer
 from prefcli.objectives.lm import sequence_logprobs
 from prefcli.objectives.preference import METHODS, chosen_nll_loss, kto_loss, preference_loss
 from prefcli.rewards import build_rewards
-from prefcli.stages.common import TrainingOptions, load_model_artifact, prepare_run, save_model_artifact, train_config
+from prefcli.stages.common import (TrainingOptions, in_length_groups, length_groups, load_model_artifact, prepare_run,
+                                   save_model_artifact, train_config)
 from prefcli.stages.sft import split_val
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
@@ -392,9 +393,13 @@ def _loss_fn(cfg: PreferenceConfig, spec, beta: float, opts: dict, train: list[I
         items = [train[i] for i in idx]
         seconds = [it.rejected if it.rejected is not None else it.kl for it in items]
         b = pad_batch([it.chosen for it in items] + seconds, pad)
-        ids = b["input_ids"].to(device)
-        logits = model(ids, attention_mask=b["attention_mask"].to(device))
-        lp, n = sequence_logprobs(logits, ids, b["loss_mask"].to(device))
+        ids, attn, loss_mask = (b[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
+
+        def logps(rows, width):
+            x = ids[rows, :width]
+            return sequence_logprobs(model(x, attention_mask=attn[rows, :width]), x, loss_mask[rows, :width])
+
+        lp, n = in_length_groups(logps, attn, length_groups())
         k = len(items)
         pc, p2, len_c, len_2 = lp[:k], lp[k:], n[:k], n[k:]
         if ref_logps is not None:
