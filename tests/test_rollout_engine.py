@@ -8,26 +8,8 @@ import torch.nn.functional as F
 import prefcli.model
 
 from prefcli.generate import generate, inverse_cdf, sample_next, sample_rows
-from prefcli.model import KVCache, Transformer, make_config, one_query_attention
-
-VOCAB = 61
-
-
-def make_model(seed: int = 0, **overrides) -> Transformer:
-    """A tiny random model with peaked, varied next-token choices (grouped-query attention)."""
-    kw = dict(dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64, context=128)
-    kw.update(overrides)
-    model = Transformer(make_config("tiny", VOCAB, **kw)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name
-                    else 0.3 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+from prefcli.model import KVCache, one_query_attention
+from test_generate import VOCAB, make_model, prompt  # the same tiny random model
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
