@@ -11,6 +11,7 @@ import pytest
 from prefcli.chat_format import render_chat
 from prefcli.data import demo
 from prefcli.data.demo import corpus, prompts, replies, splits
+from prefcli.data.demo.world import PERSON_NAMES
 from prefcli.errors import PrefcliError
 
 
@@ -39,7 +40,7 @@ def test_sizes_and_row_shapes():
         assert all(isinstance(m["content"], str) and m["content"] for m in row["messages"])
     train, heldout = demo.preference_pairs("train"), demo.preference_pairs("heldout")
     reward = demo.preference_pairs("reward")
-    assert (len(train), len(reward), len(heldout)) == (2000, 6000, 300)
+    assert (len(train), len(reward), len(heldout)) == (2000, 24000, 300)
     assert all(set(p) == {"prompt", "chosen", "rejected"} for p in train + reward + heldout)
     assert len(demo.rl_prompts()) == 1000 and len(demo.eval_prompts()) == 300
     assert all(set(p) == {"prompt"} for p in demo.rl_prompts() + demo.eval_prompts())
@@ -62,13 +63,38 @@ def test_reward_pairs_are_mostly_about_correctness_and_show_off_topic_replies():
     pairs = demo.preference_pairs("reward")
     lacks = [{a for a in demo.ATTRIBUTES if demo.judge(p["prompt"], p["rejected"])[a] == 0.0} for p in pairs]
     wrong_only = sum(f == {"correct"} for f in lacks) / len(pairs)
-    assert 0.5 < wrong_only < 0.6  # wrong 45% + off-topic 10%
+    assert 0.6 < wrong_only < 0.7  # wrong 40% + confused 15% + off-topic 10%
     # off-topic: the good reply to a question of another category (for a sum: no number at all;
-    # a wrong, rude or rambling reply to a sum still names one)
-    off_topic = [p for p in pairs if demo.prompt_category(p["prompt"]) == "sum"
-                 and not any(c.isdigit() for c in p["rejected"])]
-    assert 0.05 < len(off_topic) / 2000 < 0.15
+    # a wrong, confused, rude or rambling reply to a sum still names one)
+    sums = [p for p in pairs if demo.prompt_category(p["prompt"]) == "sum"]
+    off_topic = [p for p in sums if not any(c.isdigit() for c in p["rejected"])]
+    assert 0.05 < len(off_topic) / len(sums) < 0.15
     assert all(demo.judge(p["prompt"], p["rejected"])["correct"] == 0.0 for p in off_topic)
+
+
+def _right_answer_elsewhere(task, reply):
+    """Whether `reply` rightly answers another question about the same animal, person or shop."""
+    attr, entity = task.subject
+    return any(demo.judge(prompts.make_task("fact", (other, entity), random.Random(0)).prompt, reply)["correct"]
+               for other, entities in prompts.FACT_ENTITIES.items() if other != attr and entity in entities)
+
+
+def test_confused_replies_answer_a_neighbouring_question():
+    r = random.Random(5)
+    tasks = prompts.training_tasks(300, r)
+    for i, task in enumerate(tasks):
+        reply = replies.confused_reply(task, style_seed=i)
+        scores = demo.judge(task.prompt, reply)
+        assert (scores["correct"], scores["polite"], scores["concise"]) == (0.0, 1.0, 1.0), (task.prompt, reply)
+        assert reply == replies.confused_reply(task, style_seed=i)  # a function of the seed
+        assert demo.prompt_category(task.prompt) == task.category
+        if task.category == "sum":
+            assert any(c.isdigit() for c in reply)
+        if task.category == "fact" and sum(task.subject[1] in e for e in prompts.FACT_ENTITIES.values()) > 1:
+            # "Anna runs the bakery." to "When does the bakery open?"
+            assert _right_answer_elsewhere(task, reply), (task.prompt, reply)
+        if task.category == "kind":
+            assert task.name not in reply and any(n in reply for n in PERSON_NAMES)
 
 
 def test_heldout_prompts_never_in_training_splits():

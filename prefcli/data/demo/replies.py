@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import random
 
-from prefcli.data.demo.judge import MAX_CONCISE_CHARS
-from prefcli.data.demo.prompts import Task, fact_answer
-from prefcli.data.demo.world import DOMAINS, ITEMS, KIND_WORDS, PERSON, PERSON_NAMES, SHOP
+from dataclasses import replace
+
+from prefcli.data.demo.judge import MAX_CONCISE_CHARS, judge
+from prefcli.data.demo.prompts import FACT_ENTITIES, Task, fact_answer, make_task, subjects
+from prefcli.data.demo.world import DOMAINS, ITEMS, KIND_WORDS, PERSON, PERSON_NAMES, SHOP, SUM_MAX
 
 FLAWS = ("rude", "wrong", "rambling")
 
@@ -125,3 +127,34 @@ def write_reply(task: Task, flaws: frozenset[str] | set[str], style_seed: int) -
     if polite_mode == 3 and "rambling" not in flaws:
         return core + closer
     return core
+
+
+def _neighbour(task: Task, r: random.Random) -> Task:
+    """A question next to `task`: the same animal, person or shop asked about something else
+    (when there is something else to ask), a sum with an operand moved or a random sum, or a
+    kind request for someone else."""
+    if task.category == "sum":
+        _, a, b = task.subject
+        move = lambda x: min(SUM_MAX, max(1, x + r.choice((-2, -1, 1, 2))))  # noqa: E731
+        subject = (("sum", move(a), b), ("sum", a, move(b)),
+                   ("sum", r.randint(1, SUM_MAX), r.randint(1, SUM_MAX)))[r.randrange(3)]
+        other = make_task("sum", subject, r)
+        if task.item >= 0 and other.item >= 0 and r.random() < 0.5:  # same person and things
+            other = replace(other, name=task.name, item=task.item)
+        return other
+    if task.category == "fact":
+        attr, entity = task.subject
+        same = [(a, entity) for a, entities in FACT_ENTITIES.items() if entity in entities and a != attr]
+        return make_task("fact", r.choice(same) if same else r.choice(subjects("fact")), r)
+    return make_task("kind", r.choice(subjects("kind")), r)
+
+
+def confused_reply(task: Task, style_seed: int) -> str:
+    """The good reply to a neighbouring question (see `_neighbour`), never a right answer to
+    `task`: polite and concise, but wrong the way a small model is wrong ("Anna runs the
+    bakery." to "When does the bakery open?")."""
+    r = random.Random(style_seed)
+    while True:
+        reply = write_reply(_neighbour(task, r), frozenset(), r.getrandbits(32))
+        if not judge(task.prompt, reply)["correct"]:
+            return reply

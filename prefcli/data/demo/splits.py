@@ -16,10 +16,10 @@ from typing import Iterator
 from prefcli.data.demo.corpus import make_corpus
 from prefcli.data.demo.judge import judge
 from prefcli.data.demo.prompts import CATEGORIES, heldout_tasks, training_tasks
-from prefcli.data.demo.replies import write_reply
+from prefcli.data.demo.replies import confused_reply, write_reply
 from prefcli.errors import PrefcliError
 
-SFT_SIZE, PAIRS_TRAIN_SIZE, REWARD_PAIRS_SIZE, RL_SIZE = 3000, 2000, 6000, 1000
+SFT_SIZE, PAIRS_TRAIN_SIZE, REWARD_PAIRS_SIZE, RL_SIZE = 3000, 2000, 24000, 1000
 
 # Demonstrations are good a bit more than half the time, like real ones.
 SFT_FLAW_MIX = ((frozenset(), 0.55),
@@ -35,12 +35,17 @@ REJECTED_FLAW_MIX = ((frozenset({"rude"}), 0.28), (frozenset({"wrong"}), 0.28),
 # temperature 1 it is polite ~78% and concise ~82% of the time but correct only ~33%. Judging
 # correctness means checking a sum, a fact or a name against the prompt, which a tiny reward
 # model learns only from many such pairs: on 2,000 pairs of the mix above its held-out accuracy
-# on wrong-only pairs was 0.57 (chance); on 6,000 of this mix, 0.90.
+# on wrong-only pairs was 0.57 (chance); on 6,000 pairs weighted to wrong ones, 0.90. What online
+# RL needs is the ranking of the policy's own polite, concise samples by correctness: 0.73 after
+# 6,000 pairs, 0.85 after 12,000, 0.90 after 24,000 with "confused" pairs - and online RL against
+# them reached a gold win over sft of 0.68, 0.71-0.75 and 0.77-0.78.
 # "off-topic" is a good reply to a question of another category (a kind note to a sum): an
-# online policy finds that loophole at once when no pair ever shows it.
-REWARD_FLAW_MIX = ((frozenset({"wrong"}), 0.45), (frozenset({"off-topic"}), 0.10), (frozenset({"rude"}), 0.12),
-                   (frozenset({"rambling"}), 0.12), (frozenset({"rude", "wrong"}), 0.07),
-                   (frozenset({"wrong", "rambling"}), 0.07), (frozenset({"rude", "rambling"}), 0.07))
+# online policy finds that loophole at once when no pair ever shows it. "confused" is the good
+# reply to a neighbouring question ("Anna runs the bakery." to "When does the bakery open?"),
+# the RL policy's commonest wrong fact, which a reward model without such pairs scores highest.
+REWARD_FLAW_MIX = ((frozenset({"wrong"}), 0.40), (frozenset({"confused"}), 0.15), (frozenset({"off-topic"}), 0.10),
+                   (frozenset({"rude"}), 0.10), (frozenset({"rambling"}), 0.10), (frozenset({"rude", "wrong"}), 0.05),
+                   (frozenset({"wrong", "rambling"}), 0.05), (frozenset({"rude", "rambling"}), 0.05))
 
 SYSTEM_PROMPTS = ("You are a helpful assistant in the town of Millbrook.",
                   "You are the Millbrook town assistant.",
@@ -101,6 +106,8 @@ def _pairs(split: str, seed: int) -> tuple:
             rejected = next(reply for t in tasks[i + 1:] + tasks[:i] if t.category != task.category
                             for reply in [write_reply(t, frozenset(), style)]
                             if not judge(task.prompt, reply)["correct"])
+        elif flaws == {"confused"}:
+            rejected = confused_reply(task, style)
         else:
             rejected = write_reply(task, flaws, style)
         rows.append((task.prompt, write_reply(task, frozenset(), style), rejected))
@@ -124,7 +131,7 @@ def sft_conversations(seed: int = 0) -> list[dict]:
 
 def preference_pairs(split: str = "train", seed: int = 0) -> list[dict]:
     """{"prompt", "chosen", "rejected"} rows: "train" (2000, for DPO and its relatives),
-    "reward" (6000, mostly wrong-vs-right, for reward models) or "heldout" (300)."""
+    "reward" (12000, mostly wrong-vs-right, for reward models) or "heldout" (300)."""
     if split not in ("train", "reward", "heldout"):
         raise PrefcliError(f"unknown demo split {split!r}", hint="use 'train', 'reward' or 'heldout'")
     return [{"prompt": p, "chosen": c, "rejected": j} for p, c, j in _pairs(split, seed)]
