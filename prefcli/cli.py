@@ -198,7 +198,7 @@ def align(
     reward_model: Optional[list[str]] = typer.Option(None, "--reward-model", help="ppo/grpo/rloo: reward model scoring the samples (NAME or NAME=WEIGHT; repeatable; default rm when no --reward-fn)."),
     value_model: Optional[str] = typer.Option(None, "--value-model", help="ppo: where the value model starts (default: the first --reward-model, else the policy with a fresh head)."),
     num_generations: Optional[int] = typer.Option(None, "--num-generations", help="ppo/grpo/rloo: samples per prompt (default 8 for grpo and rloo, 1 for ppo)."),
-    kl_coef: Optional[float] = typer.Option(None, "--kl-coef", help="ppo/grpo/rloo: KL coefficient to the reference (default 0.05; grpo 0.04); 0 keeps no reference."),
+    kl_coef: Optional[float] = typer.Option(None, "--kl-coef", help="ppo/grpo/rloo: KL coefficient to the reference (default: ppo 0.2, grpo 0.1, rloo 0.05); 0 keeps no reference."),
     kl_target: Optional[float] = typer.Option(None, "--kl-target", help="ppo/grpo/rloo: adapt the KL coefficient so the KL per reply (nats) approaches this."),
     missing_eos_penalty: Optional[float] = typer.Option(None, "--missing-eos-penalty", help="ppo/grpo/rloo: subtracted from the score of a reply cut at --max-tokens (default 1.0)."),
     ppo_epochs: Optional[int] = typer.Option(None, "--ppo-epochs", help="ppo/grpo: optimizer steps on each batch of rollouts (default 2 for ppo, 1 for grpo)."),

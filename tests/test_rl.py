@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from prefcli.generate import Completion
 from prefcli.objectives import rl
-from prefcli.stages.rl import RLModel, Rollouts, assemble
+from prefcli.stages.rl import METHOD_DEFAULTS, RLModel, Rollouts, assemble
 
 PROMPTS = [
     "What is 2 plus 3?",
@@ -151,7 +151,7 @@ def test_grpo_with_the_demo_judge_logs_and_saves(cli, ws):
     assert line["tokens"] > 0 and out["seconds_generate"] <= out["seconds_rollout"]
     meta = json.loads((ws / "models/grpo/meta.json").read_text())
     assert meta["chat"] is True and meta["stage"] == "align grpo"
-    assert meta["config"]["num_generations"] == 4 and meta["config"]["kl_coef"] == 0.04  # the method's default
+    assert meta["config"]["num_generations"] == 4 and meta["config"]["kl_coef"] == METHOD_DEFAULTS["grpo"]["kl_coef"]
     assert {p.get("name") for p in meta["parents"]} >= {"sft", "demo"}
     assert weights(ws, "grpo").keys() == weights(ws, "sft").keys()  # an HF causal-LM folder, as sft's
 
@@ -282,7 +282,7 @@ def test_exact_resume_ppo_with_adaptive_kl(cli, ws):
     assert [m["reward"] for m in full] == [m["reward"] for m in part]
     # The adaptive coefficient moved, and was restored from the checkpoint.
     coef = load_file(ws / "runs/full/checkpoints/step-000004/model.safetensors")["kl_coef"]
-    assert coef != pytest.approx(0.05) and coef == load_file(ws / "runs/part/checkpoints/step-000004/model.safetensors")["kl_coef"]
+    assert coef != pytest.approx(METHOD_DEFAULTS["ppo"]["kl_coef"]) and coef == load_file(ws / "runs/part/checkpoints/step-000004/model.safetensors")["kl_coef"]
 
 
 def test_user_errors_name_the_option_and_change_nothing(cli, ws):
