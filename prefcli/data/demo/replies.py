@@ -9,7 +9,6 @@ minimal pair: the two replies differ only in that flaw.
 from __future__ import annotations
 
 import random
-
 from dataclasses import replace
 
 from prefcli.data.demo.judge import MAX_CONCISE_CHARS, judge

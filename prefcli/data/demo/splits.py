@@ -38,7 +38,7 @@ REJECTED_FLAW_MIX = ((frozenset({"rude"}), 0.28), (frozenset({"wrong"}), 0.28),
 # on wrong-only pairs was 0.57 (chance); on 6,000 pairs weighted to wrong ones, 0.90. What online
 # RL needs is the ranking of the policy's own polite, concise samples by correctness: 0.73 after
 # 6,000 pairs, 0.85 after 12,000, 0.90 after 24,000 with "confused" pairs - and online RL against
-# them reached a gold win over sft of 0.68, 0.71-0.75 and 0.77-0.78.
+# them reached a gold win over sft of 0.68, 0.71-0.75 and 0.76-0.82 (300 steps of 128 replies).
 # "off-topic" is a good reply to a question of another category (a kind note to a sum): an
 # online policy finds that loophole at once when no pair ever shows it. "confused" is the good
 # reply to a neighbouring question ("Anna runs the bakery." to "When does the bakery open?"),
@@ -131,7 +131,7 @@ def sft_conversations(seed: int = 0) -> list[dict]:
 
 def preference_pairs(split: str = "train", seed: int = 0) -> list[dict]:
     """{"prompt", "chosen", "rejected"} rows: "train" (2000, for DPO and its relatives),
-    "reward" (12000, mostly wrong-vs-right, for reward models) or "heldout" (300)."""
+    "reward" (24000, mostly wrong-vs-right, for reward models) or "heldout" (300)."""
     if split not in ("train", "reward", "heldout"):
         raise PrefcliError(f"unknown demo split {split!r}", hint="use 'train', 'reward' or 'heldout'")
     return [{"prompt": p, "chosen": c, "rejected": j} for p, c, j in _pairs(split, seed)]
