@@ -28,7 +28,7 @@ class QuickstartConfig:
 
 
 # The stages' defaults for the reward model (2,400 steps) and online RL (300 steps of 128
-# replies) are what it takes to pass 75% gold win over sft: ~9 minutes on 2 cores. The tour
+# replies) are what it takes to pass 75% gold win over sft: ~10 minutes on 2 cores. The tour
 # runs a tenth of the RL and a quarter of the reward training (which the short RL run gains
 # as much from: rloo 0.63 either way) and stays near 4 minutes.
 QUICKSTART_REWARD_STEPS = 600
