@@ -61,7 +61,7 @@ from prefcli.workspace import Workspace
 RL_METHODS = ("ppo", "grpo", "rloo")
 # What each method gets when an option is not given. Sized for the built-in demo on 2 CPU
 # cores (a ~1M-parameter sft model and the default reward model): 300 steps of 128 replies,
-# 3-4 minutes, each method passing 0.75 gold win over sft. Shorter runs mostly learn politeness
+# 2.5-4 minutes, each method passing 0.75 gold win over sft. Shorter runs mostly learn politeness
 # and concision (30 steps of 64: ~0.63); correctness needs many prompts per step, and ppo a
 # strong KL penalty (0.05: KL 10, gold win 0.71; 0.2: KL 3.1-3.3, gold win 0.80-0.82).
 METHOD_DEFAULTS = {
