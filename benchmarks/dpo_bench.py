@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 def make_workspace(ws: Path, size: str) -> Path:
     """A workspace with the demo tokenizer and a random chat model 'sft'; returns the model folder."""
     from prefcli.model import Transformer, make_config
-    from prefcli.stages.common import save_model_artifact, sync_token_ids
+    from prefcli.artifacts import save_model_artifact, sync_token_ids
     from prefcli.tokenizer import Tokenizer
     from prefcli.workspace import Workspace
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from prefcli.model import Transformer, count_parameters, make_config
 from prefcli.stages import evaluate as ev
-from prefcli.stages.common import load_model_artifact, save_model_artifact
+from prefcli.artifacts import load_model_artifact, save_model_artifact
 from prefcli.tokenizer import Tokenizer
 from prefcli.workspace import Workspace
 

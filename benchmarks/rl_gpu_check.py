@@ -37,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     from prefcli.data import demo
     from prefcli.model import Transformer, make_config
-    from prefcli.stages.common import save_model_artifact, sync_token_ids
+    from prefcli.artifacts import save_model_artifact, sync_token_ids
     from prefcli.tokenizer import Tokenizer
     from prefcli.workspace import Workspace
 

@@ -50,13 +50,13 @@ def load_policy(args):
     from prefcli.tokenizer import Tokenizer
 
     if args.workspace:
-        from prefcli.stages.common import load_model_artifact
+        from prefcli.artifacts import load_model_artifact
         from prefcli.workspace import Workspace
 
         loaded = load_model_artifact(Workspace(args.workspace), args.model, "--model", kind="causal_lm")
         return loaded.model, loaded.tokenizer, loaded.path
     from prefcli.data import demo
-    from prefcli.stages.common import sync_token_ids
+    from prefcli.artifacts import sync_token_ids
     from prefcli.tokenizer import save_tokenizer, train_bpe
 
     folder = Path(tempfile.mkdtemp())

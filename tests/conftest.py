@@ -83,7 +83,7 @@ def chat_ws(cli, tmp_path, small_corpus):
     """A workspace with a tokenizer and a tiny random base model ('base'), plus small chat data files."""
     from prefcli.chat_format import render_chat
     from prefcli.model import Transformer, make_config
-    from prefcli.stages.common import save_model_artifact, sync_token_ids
+    from prefcli.artifacts import save_model_artifact, sync_token_ids
     from prefcli.tokenizer import Tokenizer
     from prefcli.workspace import Workspace
 

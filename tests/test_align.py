@@ -148,7 +148,7 @@ def test_reward_length_groups_give_the_scores_and_gradients_of_one_pass():
 def test_length_groups_give_the_sequence_logprobs_of_one_pass():
     from prefcli.model import Transformer, make_config
     from prefcli.objectives.lm import sequence_logprobs
-    from prefcli.stages.common import in_length_groups
+    from prefcli.artifacts import in_length_groups
 
     torch.manual_seed(1)
     model = Transformer(make_config("tiny", 64))

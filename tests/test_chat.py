@@ -18,7 +18,7 @@ from prefcli.generate import generate
 from prefcli.model import Transformer, make_config
 from prefcli.stages.chat import (Conversation, Sampling, StreamDecoder, default_model, load, raw_join,
                                  read_messages)
-from prefcli.stages.common import save_model_artifact, sync_token_ids
+from prefcli.artifacts import save_model_artifact, sync_token_ids
 from prefcli.tokenizer import Tokenizer
 from prefcli.workspace import Workspace
 

@@ -13,7 +13,7 @@ import torch
 
 from prefcli.model import Transformer, make_config
 from prefcli.stages import evaluate as ev
-from prefcli.stages.common import Loaded, save_model_artifact
+from prefcli.artifacts import Loaded, save_model_artifact
 from prefcli.tokenizer import Tokenizer
 from prefcli.workspace import Workspace
 

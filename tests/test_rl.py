@@ -49,7 +49,7 @@ def base_ws(tmp_path_factory):
     """A workspace with a tokenizer, a tiny random chat policy 'sft' and a tiny random reward model 'rm'."""
     from prefcli.chat_format import render_chat
     from prefcli.model import Transformer, make_config
-    from prefcli.stages.common import save_model_artifact, sync_token_ids
+    from prefcli.artifacts import save_model_artifact, sync_token_ids
     from prefcli.tokenizer import Tokenizer
     from prefcli.workspace import Workspace
 

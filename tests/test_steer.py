@@ -13,7 +13,7 @@ from conftest import CHAT_LINES, write_jsonl
 from prefcli.errors import PrefcliError
 from prefcli.generate import ChatSession, generate
 from prefcli.model import Transformer, load_model, make_config
-from prefcli.stages.common import save_model_artifact, sync_token_ids
+from prefcli.artifacts import save_model_artifact, sync_token_ids
 from prefcli.stages.steer import rank_labels
 from prefcli.steer import Steering, load_steering, parse_prefer
 from prefcli.tokenizer import Tokenizer

@@ -32,7 +32,7 @@ from rich.text import Text
 from prefcli.chat_format import ROLES
 from prefcli.errors import PrefcliError
 from prefcli.generate import ChatSession
-from prefcli.stages.common import Loaded, load_model_artifact
+from prefcli.artifacts import Loaded, load_model_artifact
 from prefcli.steer import CONFIG_FILE as STEER_CONFIG, load_steering
 from prefcli.tokenizer import Tokenizer
 from prefcli.workspace import Workspace, read_meta

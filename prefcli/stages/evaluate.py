@@ -40,7 +40,7 @@ from prefcli.generate import generate
 from prefcli.model import Transformer
 from prefcli.objectives.lm import token_logprobs
 from prefcli.progress import progress
-from prefcli.stages.common import Loaded, load_model_artifact
+from prefcli.artifacts import Loaded, load_model_artifact
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import resolve_device
 from prefcli.workspace import NAME_RE, Workspace, parent_ref, sha256_file
@@ -624,7 +624,7 @@ def run_perplexity(cfg: PerplexityConfig, ws: Workspace) -> dict:
     parents = [lm.parent()]
     data = list(cfg.data) or ["corpus"]
     if len(data) == 1 and _is_dataset_ref(ws, data[0]):
-        from prefcli.stages.common import load_token_dataset
+        from prefcli.artifacts import load_token_dataset
 
         ds_path, _, tok_path = load_token_dataset(ws, data[0])
         if not same_tokenizer(Tokenizer(tok_path), lm.tokenizer):

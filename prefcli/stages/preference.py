@@ -27,7 +27,7 @@ from prefcli.model import Transformer
 from prefcli.objectives.lm import sequence_logprobs
 from prefcli.objectives.preference import METHODS, chosen_nll_loss, kto_loss, preference_loss
 from prefcli.rewards import build_rewards
-from prefcli.stages.common import (TrainingOptions, in_length_groups, length_groups, load_model_artifact, prepare_run,
+from prefcli.artifacts import (TrainingOptions, in_length_groups, length_groups, load_model_artifact, prepare_run,
                                    save_model_artifact, train_config)
 from prefcli.stages.sft import split_val
 from prefcli.tokenizer import Tokenizer

@@ -20,7 +20,7 @@ from prefcli.data.tokens import TokenArray
 from prefcli.errors import PrefcliError
 from prefcli.generate import generate
 from prefcli.model import Transformer, count_parameters, make_config
-from prefcli.stages.common import TrainingOptions, load_model_artifact, load_token_dataset, prepare_run, save_model_artifact, sync_token_ids, train_config
+from prefcli.artifacts import TrainingOptions, load_model_artifact, load_token_dataset, prepare_run, save_model_artifact, sync_token_ids, train_config
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace, parent_ref, sha256_file

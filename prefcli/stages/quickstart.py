@@ -80,7 +80,7 @@ def _steps(cfg: QuickstartConfig, ws: Workspace) -> list[Step]:
 
 def run(cfg: QuickstartConfig, ws: Workspace, console) -> dict:
     from prefcli.stages.align import METHODS
-    from prefcli.stages.common import load_model_artifact
+    from prefcli.artifacts import load_model_artifact
     from prefcli.stages.evaluate import compare
 
     unknown = [m for m in cfg.methods if m not in METHODS or m == "sft"]

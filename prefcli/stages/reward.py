@@ -22,7 +22,7 @@ from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.model import Transformer
 from prefcli.objectives.reward import bradley_terry_loss
-from prefcli.stages.common import (TrainingOptions, in_length_groups, length_groups, load_model_artifact, note, prepare_run,
+from prefcli.artifacts import (TrainingOptions, in_length_groups, length_groups, load_model_artifact, note, prepare_run,
                                    save_model_artifact, train_config)
 from prefcli.stages.sft import split_val
 from prefcli.tokenizer import Tokenizer

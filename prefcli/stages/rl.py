@@ -53,7 +53,7 @@ from prefcli.model import Transformer
 from prefcli.objectives import rl
 from prefcli.objectives.lm import token_logprobs
 from prefcli.rewards import build_rewards
-from prefcli.stages.common import load_model_artifact, note, prepare_run, save_model_artifact
+from prefcli.artifacts import load_model_artifact, note, prepare_run, save_model_artifact
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import TrainConfig, Trainer, resolve_device, unwrap
 from prefcli.workspace import Workspace

@@ -17,7 +17,7 @@ from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pack_rows
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.objectives.lm import lm_loss
-from prefcli.stages.common import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
+from prefcli.artifacts import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
 from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace
 
