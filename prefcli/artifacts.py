@@ -161,26 +161,3 @@ def sync_token_ids(model: Transformer, tok: Tokenizer) -> None:
     model.config.bos_token_id = tok.bos_id
     model.config.eos_token_id = tok.eos_id
     model.config.pad_token_id = tok.pad_id
-
-
-def length_groups() -> int:
-    """How many length groups a training batch runs in: 3 in one process, 1 under DDP/FSDP
-    (their hooks expect one forward per backward)."""
-    return 3 if dist.world_size() == 1 else 1
-
-
-def in_length_groups(fn, attention_mask: torch.Tensor, groups: int):
-    """Run fn(rows, width) over right-padded rows in `groups` passes sorted by length.
-
-    Each pass sees only its rows, cut to its own longest row: in a batch of chosen and rejected
-    replies over half the tokens are padding (one rambling reply sets every row's width). fn
-    returns a tensor or a tuple of tensors with one entry per row; they come back in the
-    original row order, equal to one pass over the whole batch.
-    """
-    lengths = attention_mask.sum(-1)
-    order = torch.argsort(lengths) if groups > 1 else torch.arange(len(lengths), device=lengths.device)
-    parts = [fn(rows, int(lengths[rows].max())) for rows in order.chunk(groups)]
-    undo = torch.argsort(order)
-    if isinstance(parts[0], tuple):
-        return tuple(torch.cat(p)[undo] for p in zip(*parts))
-    return torch.cat(parts)[undo]

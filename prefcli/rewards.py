@@ -107,7 +107,7 @@ def build_rewards(ws: Workspace, reward_models: list[str] = (), reward_fns: list
     sources = []
     for spec in reward_models:
         name, weight = split_weight(spec, model_option)
-        from prefcli.stages.reward import RewardScorer
+        from prefcli.inference import RewardScorer
 
         scorer = RewardScorer(ws, name, model_option, device)
         sources.append(Source(f"rm:{name}", weight, lambda p, r, s=scorer: s(p, r), scorer.parent))

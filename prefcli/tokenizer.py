@@ -257,3 +257,12 @@ def iter_text_chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
     if chunk:
         yield chunk
 
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """The same ids for the same text: byte-identical tokenizer.json files (quick), or equal
+    serialized tokenizers. What a reference, value or steered model needs to read a policy's tokens."""
+    fa, fb = Path(a.folder) / "tokenizer.json", Path(b.folder) / "tokenizer.json"
+    if fa.is_file() and fb.is_file() and fa.read_bytes() == fb.read_bytes():
+        return True
+    return a.hf.to_str() == b.hf.to_str()

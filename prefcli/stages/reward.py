@@ -17,14 +17,13 @@ import torch
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
+from prefcli.artifacts import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
+from prefcli.data import sources
 from prefcli.data.examples import Pair, encode_completion, pad_batch, pair_from_row, prompt_from_row
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
-from prefcli.model import Transformer
+from prefcli.inference import RewardScorer, SequenceScores, encoded_scores, last_token_scores, length_groups
 from prefcli.objectives.reward import bradley_terry_loss
-from prefcli.artifacts import (TrainingOptions, in_length_groups, length_groups, load_model_artifact, note, prepare_run,
-                                   save_model_artifact, train_config)
-from prefcli.stages.sft import split_val
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace
@@ -46,16 +45,6 @@ class RewardConfig(TrainingOptions):
 DEFAULT_STEPS = 2400
 
 
-def read_pairs(data: list[str]) -> tuple[list[Pair], list[dict]]:
-    if not data:
-        from prefcli.data import demo
-
-        rows = demo.preference_pairs("reward")
-        return [pair_from_row(r) for r in rows], [{"kind": "input", "name": "demo reward pairs (built-in)"}]
-    rows = read_rows(data, required=("chosen", "rejected"), option="--data")
-    return [pair_from_row(r) for r in rows], [{"kind": "input", "path": str(p)} for p in data]
-
-
 def encode_pairs(tok: Tokenizer, pairs: list[Pair], max_len: int) -> tuple[list[tuple], int]:
     """(chosen, rejected) encodings per pair, and how many were truncated."""
     out, truncated = [], 0
@@ -74,27 +63,10 @@ def pair_batch(items: list[tuple], pad_id: int) -> dict:
     return batch
 
 
-def last_token_scores(model, ids: torch.Tensor, attn: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """Score-head output at each right-padded row's last real token, [B], in length groups."""
-    def score(rows, width):
-        h = model(ids[rows, :width], attention_mask=attn[rows, :width], return_hidden=True)
-        last = attn[rows].sum(-1) - 1
-        return unwrap(model).score_head(h[torch.arange(len(rows), device=ids.device), last]).squeeze(-1)
-
-    return in_length_groups(score, attn, groups)
-
-
-def score_pairs(model: Transformer, items: list[tuple], pad_id: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(model, items: list[tuple], pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of chosen and rejected replies, [N] each, without gradients."""
-    chosen, rejected = [], []
-    with torch.no_grad():
-        for i in range(0, len(items), batch_size):
-            b = pair_batch(items[i : i + batch_size], pad_id)
-            r = model.sequence_scores(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
-            n = len(r) // 2
-            chosen.append(r[:n])
-            rejected.append(r[n:])
-    return torch.cat(chosen), torch.cat(rejected)
+    scores = encoded_scores(model, [c.ids for c, _, _ in items] + [r.ids for _, r, _ in items], pad_id, batch_size)
+    return torch.tensor(scores[:len(items)]), torch.tensor(scores[len(items):])
 
 
 def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
@@ -104,7 +76,7 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
 
 def run(cfg: RewardConfig, ws: Workspace) -> dict:
     t0 = time.time()
-    pairs, inputs = read_pairs(cfg.data)
+    pairs, inputs = sources.pairs(cfg.data, "reward")
     base_ref = cfg.base or ("sft" if ws.exists("models", "sft") else "base")
     base = load_model_artifact(ws, base_ref, "--base", score_head=True)
     model, tok = base.model, base.tokenizer
@@ -114,12 +86,10 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
     encoded, truncated = encode_pairs(tok, pairs, context)
     if truncated:
         note(f"warning: {truncated} of {len(pairs)} pairs are longer than the context ({context} tokens) and were truncated")
-    train, val = split_val(encoded, cfg.val_fraction, cfg.seed)
-    heldout = None
-    if not cfg.data:  # the demo's own held-out pairs: prompts never seen in any training split
-        from prefcli.data import demo
-
-        heldout, _ = encode_pairs(tok, [pair_from_row(r) for r in demo.preference_pairs("heldout")], context)
+    train, val = sources.split_val(encoded, cfg.val_fraction, cfg.seed)
+    heldout = sources.heldout_pairs(cfg.data)  # on the demo: its held-out pairs, prompts never trained on
+    if heldout is not None:
+        heldout, _ = encode_pairs(tok, heldout, context)
     tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     pad = tok.pad_id
@@ -131,7 +101,7 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
 
     def loss_fn(model, batch: dict):
         ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        rewards = last_token_scores(model, ids, attn, length_groups()).float()
+        rewards = last_token_scores(model, ids, attn, length_groups()).float()  # model: SequenceScores
         n = len(rewards) // 2
         margin = batch["margin"].to(device)
         loss, metrics = bradley_terry_loss(rewards[:n], rewards[n:], margin if bool(margin.any()) else None, cfg.center_rewards)
@@ -141,14 +111,14 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
     def eval_fn(model) -> dict:
         if not val:
             return {}
-        c, r = score_pairs(model, val, pad, cfg.batch_size, device)
+        c, r = score_pairs(model, val, pad, cfg.batch_size)
         m = pair_metrics(c, r)
         return {"val_accuracy": m["accuracy"], "val_margin": m["mean_margin"]}
 
-    trainer = Trainer(model, loss_fn, batches, tcfg, run_dir, eval_fn=eval_fn, desc=f"reward {cfg.out}")
+    trainer = Trainer(SequenceScores(model), loss_fn, batches, tcfg, run_dir, eval_fn=eval_fn, desc=f"reward {cfg.out}")
     device = trainer.device
     summary = trainer.train(resume=cfg.resume)
-    bare = unwrap(trainer.model)
+    bare = unwrap(trainer.model).model
     bare.eval()
     metrics = {
         "train_loss": round(summary.get("train_loss", float("nan")), 4),
@@ -157,7 +127,7 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
         "steps": summary["steps"],
     }
     if heldout is not None:
-        c, r = score_pairs(bare, heldout, pad, cfg.batch_size, device)
+        c, r = score_pairs(bare, heldout, pad, cfg.batch_size)
         held = pair_metrics(c, r)
         metrics.update(heldout_accuracy=held["accuracy"], heldout_margin=held["mean_margin"], heldout_pairs=held["pairs"])
     save_model_artifact(ws, cfg.out, bare.float().cpu(), base.path, kind="reward", stage="reward train",
@@ -177,25 +147,6 @@ class ScoreConfig:
     output: str | None = None  # JSONL with scores (default: stdout)
     batch_size: int = 32
     device: str = "cpu"
-
-
-class RewardScorer:
-    """Scores replies to prompts with a reward model artifact (used by eval and online RL too)."""
-
-    def __init__(self, ws: Workspace, ref: str, option: str = "--reward-model", device="cpu"):
-        loaded = load_model_artifact(ws, ref, option, kind="reward", device=device)
-        self.model, self.tokenizer, self.path, self.device = loaded.model.eval(), loaded.tokenizer, loaded.path, device
-        self.parent = loaded.parent()
-
-    def __call__(self, prompts: list[list[dict]], replies: list[str], batch_size: int = 32) -> list[float]:
-        ctx = self.model.config.max_position_embeddings
-        encs = [encode_completion(self.tokenizer, p, [{"role": "assistant", "content": r}], ctx) for p, r in zip(prompts, replies)]
-        scores = []
-        with torch.no_grad():
-            for i in range(0, len(encs), batch_size):
-                b = pad_batch(encs[i : i + batch_size], self.tokenizer.pad_id)
-                scores += self.model.sequence_scores(b["input_ids"].to(self.device), b["attention_mask"].to(self.device)).float().tolist()
-        return scores
 
 
 def score(cfg: ScoreConfig, ws: Workspace) -> dict:

@@ -7,14 +7,13 @@ full rows (attention never crosses examples), train, save models/sft.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
-from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pack_rows, pad_batch
-from prefcli.data.readers import read_rows
+from prefcli.data import sources
+from prefcli.data.examples import Encoded, encode_chat, pack_rows, pad_batch
 from prefcli.errors import PrefcliError
 from prefcli.objectives.lm import lm_loss
 from prefcli.artifacts import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
@@ -35,31 +34,11 @@ class SFTConfig(TrainingOptions):
 DEFAULT_STEPS = 150  # ~1.6 passes over the 3,000 demo chats at batch 32
 
 
-def conversations(data: list[str]) -> tuple[list[list[dict]], list[dict]]:
-    """Conversations from the user's files (or the demo set), and their lineage records."""
-    if not data:
-        from prefcli.data import demo
-
-        return [chat_from_row(r) for r in demo.sft_conversations()], [{"kind": "input", "name": "demo sft chats (built-in)"}]
-    rows = read_rows(data, option="--data")
-    return [chat_from_row(r) for r in rows], [{"kind": "input", "path": str(p)} for p in data]
-
-
-def split_val(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded held-out share (at least one item when fraction > 0 and there are two or more)."""
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n_val = min(len(items) - 1, max(1, round(len(items) * fraction))) if fraction > 0 and len(items) > 1 else 0
-    val = sorted(order[:n_val])
-    val_set = set(val)
-    return [items[i] for i in range(len(items)) if i not in val_set], [items[i] for i in val]
-
-
 def run(cfg: SFTConfig, ws: Workspace) -> dict:
     t0 = time.time()
     if not 0 <= cfg.val_fraction < 1:
         raise PrefcliError(f"--val-fraction {cfg.val_fraction} is out of range", "use a number from 0 up to 1")
-    convos, inputs = conversations(cfg.data)
+    convos, inputs = sources.conversations(cfg.data)
     policy = load_model_artifact(ws, cfg.policy, "--policy", kind="causal_lm")
     tok, model = policy.tokenizer, policy.model
     if not tok.has_chat_template:
@@ -72,7 +51,7 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
     encoded = [e for e in encoded if sum(e.mask[1:]) > 0]  # truncation can cut every assistant token away
     if not encoded:
         raise PrefcliError("--data: no conversation has an assistant token within the context", "use shorter conversations")
-    train, val = split_val(encoded, cfg.val_fraction, cfg.seed)
+    train, val = sources.split_val(encoded, cfg.val_fraction, cfg.seed)
     tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     pad = tok.pad_id

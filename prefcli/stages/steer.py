@@ -25,12 +25,12 @@ import torch
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
-from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pad_batch, pair_from_row, prompt_text
+from prefcli.data import sources
+from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pad_batch, prompt_text
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.objectives.lm import lm_loss
 from prefcli.artifacts import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
-from prefcli.stages.sft import split_val
 from prefcli.steer import SteeredLM, Steering
 from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace
@@ -54,9 +54,8 @@ def demo_examples() -> tuple[list[list[dict]], dict[str, list[float]], dict[str,
     """The demo SFT chats and both replies of each demo train pair, with the gold judge's labels."""
     from prefcli.data import demo
 
-    convos = [chat_from_row(r) for r in demo.sft_conversations()]
-    for row in demo.preference_pairs("train"):
-        p = pair_from_row(row)
+    convos = sources.demo_conversations()
+    for p in sources.demo_pairs("train"):
         convos += [p.prompt + p.chosen, p.prompt + p.rejected]
     scores = [demo.judge(prompt_text(m[:-1]), m[-1]["content"]) for m in convos]
     labels = {a: [s[a] for s in scores] for a in demo.ATTRIBUTES}
@@ -113,7 +112,7 @@ def rank_labels(scores: list[float]) -> list[float]:
 def reward_model_labels(ws: Workspace, specs: list[str], convos: list[list[dict]], device,
                         taken: set[str]) -> tuple[dict[str, list[float]], dict[str, str], list[dict]]:
     """--attribute NAME=REWARD_MODEL: each reply's reward, as its rank among the training replies."""
-    from prefcli.stages.reward import RewardScorer
+    from prefcli.inference import RewardScorer
 
     labels, sources, parents = {}, {}, []
     prompts = [m[:-1] for m in convos]
@@ -168,7 +167,7 @@ def run(cfg: SteerConfig, ws: Workspace) -> dict:
     encoded = [(e, v) for e, v in encoded if sum(e.mask[1:]) > 0]
     if not encoded:
         raise PrefcliError("--data: no conversation has an assistant token within the context", "use shorter conversations")
-    train, val = split_val(encoded, cfg.val_fraction, cfg.seed)
+    train, val = sources.split_val(encoded, cfg.val_fraction, cfg.seed)
     label_mean = [sum(v[k] for _, v in train) / len(train) for k in range(len(attributes))]
     steering = Steering(attributes, model.config.hidden_size, sources=sources, label_mean=label_mean)
     tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
