@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from prefcli.model import Transformer, count_parameters, make_config
-from prefcli.stages import evaluate as ev
+from prefcli import measure
 from prefcli.artifacts import load_model_artifact, save_model_artifact
 from prefcli.tokenizer import Tokenizer
 from prefcli.workspace import Workspace
@@ -61,11 +61,11 @@ def main() -> None:
         pol = load_model_artifact(ws, "dpo", "--model", device=args.device)
         print(f"{args.size}: {count_parameters(pol.model):,} parameters, {args.prompts} prompts x 2 models, "
               f"up to {args.max_tokens} tokens, device {args.device}, {torch.get_num_threads()} threads")
-        ev.compare({"dpo": pol}, ref, limit=args.prompts, reference_name="sft", max_tokens=args.max_tokens,
+        measure.compare({"dpo": pol}, ref, limit=args.prompts, reference_name="sft", max_tokens=args.max_tokens,
                    batch_size=16)  # warm-up
         for bs in args.batch_sizes:
             t = time.perf_counter()
-            res = ev.compare({"dpo": pol}, ref, limit=args.prompts, reference_name="sft", max_tokens=args.max_tokens,
+            res = measure.compare({"dpo": pol}, ref, limit=args.prompts, reference_name="sft", max_tokens=args.max_tokens,
                              batch_size=bs)
             sec = time.perf_counter() - t
             tokens = sum(s["tokens"] for row in res["samples"] for s in row["replies"]["dpo"] + row["reference"])

@@ -65,7 +65,8 @@ def test_dpo_learns_the_preference_and_reuses_reference_logps(cli, chat_ws):
             "--lr", "5e-3", "--beta", "0.5", "--val-fraction", "0", *FAST, "--json")
     assert r.code == 0, r.stderr
     # The implicit reward now prefers every chosen reply it trained on.
-    from prefcli.stages.preference import Item, pair_accuracy, sequence_logps
+    from prefcli.inference import sequence_logps
+    from prefcli.stages.preference import Item, pair_accuracy
     from prefcli.data.examples import encode_completion
 
     tok = Tokenizer(ws / "models/dpo")
@@ -122,7 +123,7 @@ def test_reward_model_trains_and_transformers_scores_the_same(cli, chat_ws):
 
 def test_reward_length_groups_give_the_scores_and_gradients_of_one_pass():
     from prefcli.model import Transformer, make_config
-    from prefcli.stages.reward import last_token_scores
+    from prefcli.inference import last_token_scores
 
     torch.manual_seed(0)
     model = Transformer(make_config("tiny", 64), score_head=True)
@@ -148,7 +149,7 @@ def test_reward_length_groups_give_the_scores_and_gradients_of_one_pass():
 def test_length_groups_give_the_sequence_logprobs_of_one_pass():
     from prefcli.model import Transformer, make_config
     from prefcli.objectives.lm import sequence_logprobs
-    from prefcli.artifacts import in_length_groups
+    from prefcli.inference import in_length_groups
 
     torch.manual_seed(1)
     model = Transformer(make_config("tiny", 64))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from prefcli.model import Transformer, make_config
-from prefcli.stages import evaluate as ev
+from prefcli import inference, measure, metrics
 from prefcli.artifacts import Loaded, save_model_artifact
 from prefcli.tokenizer import Tokenizer
 from prefcli.workspace import Workspace
@@ -119,38 +119,38 @@ def loaded(path) -> Loaded:
 def test_wilson_interval_by_hand():
     # 8 of 10: p = 0.8, denominator 1 + z^2/10, centre (0.8 + z^2/20) / denom,
     # half-width z sqrt(0.016 + z^2/400) / denom.
-    lo, hi = ev.wilson_interval(8, 10)
+    lo, hi = metrics.wilson_interval(8, 10)
     assert lo == pytest.approx(0.490162, abs=1e-5) and hi == pytest.approx(0.943318, abs=1e-5)
     # 0 of 10: [0, (z^2/10) / (1 + z^2/10)].
-    lo, hi = ev.wilson_interval(0, 10)
+    lo, hi = metrics.wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx((Z * Z / 10) / (1 + Z * Z / 10), abs=1e-12)
-    assert ev.wilson_interval(0, 0) == (0.0, 1.0)
-    r = ev.rate_summary([1.0, 0.0, 1.0, 1.0])
+    assert metrics.wilson_interval(0, 0) == (0.0, 1.0)
+    r = metrics.rate_summary([1.0, 0.0, 1.0, 1.0])
     assert r["rate"] == 0.75 and r["n"] == 4 and r["ci_method"] == "wilson"
-    assert r["ci"] == pytest.approx(list(ev.wilson_interval(3, 4)))
+    assert r["ci"] == pytest.approx(list(metrics.wilson_interval(3, 4)))
 
 
 def test_win_rate_interval_with_ties_by_hand():
     # Per-prompt scores 1, 1, 0.5, 0: mean 0.625, sample std sqrt(0.6875 / 3), n = 4.
-    wins = ev.win_scores([3.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 2.0])
+    wins = metrics.win_scores([3.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 2.0])
     assert wins == [1.0, 1.0, 0.5, 0.0]
-    r = ev.rate_summary(wins)
+    r = metrics.rate_summary(wins)
     half = Z * math.sqrt(0.6875 / 3) / 2
     assert r["rate"] == 0.625 and r["ci_method"] == "normal"
     assert r["ci"] == pytest.approx([0.625 - half, 1.0])  # the upper end is clipped at 1
-    assert ev.rate_summary([0.5, 0.5, 0.5])["ci"] == [0.5, 0.5]
-    assert ev.per_prompt([1, 0, 0.5, 0.5, 1, 1], 2) == [0.5, 0.5, 1.0]
-    m = ev.mean_summary([1.0, 2.0, 3.0])
+    assert metrics.rate_summary([0.5, 0.5, 0.5])["ci"] == [0.5, 0.5]
+    assert metrics.per_prompt([1, 0, 0.5, 0.5, 1, 1], 2) == [0.5, 0.5, 1.0]
+    m = metrics.mean_summary([1.0, 2.0, 3.0])
     assert m["mean"] == 2.0 and m["std"] == 1.0 and m["ci"] == pytest.approx([2 - Z / math.sqrt(3), 2 + Z / math.sqrt(3)])
 
 
 def test_distinct_n_and_distribution_by_hand():
     texts = ["a b a", "a b c"]
     # unigrams a b a a b c: 3 unique of 6; bigrams (a b) (b a) (a b) (b c): 3 unique of 4.
-    assert ev.distinct_n(texts, 1) == 0.5
-    assert ev.distinct_n(texts, 2) == 0.75
-    assert ev.distinct_n(["x", ""], 2) == 0.0  # no bigram at all; none spans two texts
-    d = ev.distribution([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert metrics.distinct_n(texts, 1) == 0.5
+    assert metrics.distinct_n(texts, 2) == 0.75
+    assert metrics.distinct_n(["x", ""], 2) == 0.0  # no bigram at all; none spans two texts
+    d = metrics.distribution([1.0, 2.0, 3.0, 4.0, 5.0])
     assert d["mean"] == 3.0 and d["std"] == pytest.approx(math.sqrt(2)) and d["median"] == 3.0
     assert d["q25"] == 2.0 and d["q05"] == pytest.approx(1.2) and d["min"] == 1.0 and d["max"] == 5.0
 
@@ -161,7 +161,7 @@ def test_perplexity_of_a_uniform_model_by_hand(base_ws):
     V = tok.vocab_size
     text = "the cat sat on the mat near the old river shop"
     ids = torch.tensor(tok.encode(text) + [tok.eos_id])
-    res = ev.perplexity(uniform(V, context=4), tok, ids, batch_size=2)
+    res = measure.perplexity(uniform(V, context=4), tok, ids, batch_size=2)
     n = len(ids) - 1
     assert res["tokens"] == n and res["windows"] == math.ceil(n / 4)
     assert res["loss"] == pytest.approx(math.log(V), rel=1e-6)
@@ -177,7 +177,7 @@ def test_perplexity_windows_equal_a_plain_loop(base_ws):
     tok = Tokenizer(base_ws / "tokenizers/default")
     model = tiny(tok.vocab_size, seed=3, context=16).eval()
     ids = torch.randint(0, tok.vocab_size, (103,))
-    res = ev.perplexity(model, tok, ids, batch_size=3)  # 7 windows: 6 full, the last 6 tokens; batches 3 + 3 + 1
+    res = measure.perplexity(model, tok, ids, batch_size=3)  # 7 windows: 6 full, the last 6 tokens; batches 3 + 3 + 1
     nats = 0.0
     with torch.no_grad():
         for s in range(0, 102, 16):
@@ -186,7 +186,7 @@ def test_perplexity_windows_equal_a_plain_loop(base_ws):
     assert res["windows"] == 7 and res["tokens"] == 102
     assert res["loss"] == pytest.approx(nats / 102, rel=1e-5)
     assert res["perplexity"] == pytest.approx(math.exp(res["loss"]), rel=1e-12)
-    limited = ev.perplexity(model, tok, ids, batch_size=3, max_windows=2)
+    limited = measure.perplexity(model, tok, ids, batch_size=3, max_windows=2)
     assert limited["tokens"] == 32 and limited["windows"] == 2
 
 
@@ -323,8 +323,8 @@ def test_kl_against_a_hand_computation(base_ws):
     R = Loaded(tiny(V, seed=5).eval(), tok, tok_path, {})
     prompts = [[{"role": "user", "content": c}] for c in ("hello", "the cat sat on the mat", "a")]
     args = dict(samples=2, max_tokens=7, seed=11, batch_size=4)
-    res = ev.compare({"u": P}, R, prompts, reference_name="r", **args)
-    samples = ev.sample_replies(P, prompts, **args)  # the same draws again
+    res = measure.compare({"u": P}, R, prompts, reference_name="r", **args)
+    samples = inference.sample_replies(P, prompts, **args)  # the same draws again
     kls = [s["kl"] for row in res["samples"] for s in row["replies"]["u"]]
     assert len(kls) == 6 and len({len(s["prompt_ids"]) + len(s["tokens"]) for s in samples}) > 1  # padding
     with torch.no_grad():
@@ -335,9 +335,9 @@ def test_kl_against_a_hand_computation(base_ws):
             ref = sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
             assert kl == pytest.approx(-len(s["tokens"]) * math.log(V) - ref, abs=1e-3)
     assert res["models"]["u"]["vs_reference"]["kl"]["mean"] == pytest.approx(
-        sum(ev.per_prompt(kls, 2)) / 3, rel=1e-9)
+        sum(metrics.per_prompt(kls, 2)) / 3, rel=1e-9)
     assert "gold" not in res["models"]["u"] and res["gold_judge"] is False
-    alone = ev.compare({"u": P}, None, prompts, max_tokens=2)
+    alone = measure.compare({"u": P}, None, prompts, max_tokens=2)
     assert alone["reference"] is None and "vs_reference" not in alone["models"]["u"]
     assert alone["samples"][0]["replies"]["u"][0]["tokens"] <= 2
 

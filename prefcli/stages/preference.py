@@ -19,18 +19,17 @@ from safetensors.torch import save_file
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
+from prefcli.artifacts import TrainingOptions, load_model_artifact, prepare_run, save_model_artifact, train_config
+from prefcli.data import sources
 from prefcli.data.examples import Encoded, Pair, encode_completion, pad_batch, pair_from_row, prompt_from_row
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
-from prefcli.generate import generate
+from prefcli.inference import in_length_groups, length_groups, sample_ids, sequence_logps
 from prefcli.model import Transformer
 from prefcli.objectives.lm import sequence_logprobs
 from prefcli.objectives.preference import METHODS, chosen_nll_loss, kto_loss, preference_loss
 from prefcli.rewards import build_rewards
-from prefcli.artifacts import (TrainingOptions, in_length_groups, length_groups, load_model_artifact, prepare_run,
-                                   save_model_artifact, train_config)
-from prefcli.stages.sft import split_val
-from prefcli.tokenizer import Tokenizer
+from prefcli.tokenizer import Tokenizer, same_tokenizer
 from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace
 
@@ -90,13 +89,11 @@ class Item:
 
 def read_items(cfg: PreferenceConfig, tok: Tokenizer, context: int) -> tuple[list[Item], list[dict]]:
     paired = METHODS[cfg.method].paired
-    if not cfg.data:
-        from prefcli.data import demo
-
-        pairs = [pair_from_row(r) for r in demo.preference_pairs("train")]
-        return items_from_pairs(pairs, tok, context, paired), [{"kind": "input", "name": "demo preference pairs (built-in)"}]
+    if sources.use_demo(cfg.data):
+        pairs, inputs = sources.pairs(cfg.data, "train")
+        return items_from_pairs(pairs, tok, context, paired), inputs
     rows = read_rows(cfg.data, option="--data")
-    inputs = [{"kind": "input", "path": str(p)} for p in cfg.data]
+    inputs = sources.file_inputs(cfg.data)
     if all("chosen" in r and "rejected" in r for r in rows):
         return items_from_pairs([pair_from_row(r) for r in rows], tok, context, paired), inputs
     if paired:
@@ -146,21 +143,6 @@ def _encodings(items: list[Item]) -> list[Encoded]:
     return out
 
 
-@torch.no_grad()
-def sequence_logps(model: Transformer, encs: list[Encoded], pad_id: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of each sequence's target tokens, and the token counts; no gradients."""
-    logps, counts = [], []
-    model.eval()
-    for i in range(0, len(encs), batch_size):
-        b = pad_batch(encs[i : i + batch_size], pad_id)
-        ids = b["input_ids"].to(device)
-        logits = model(ids, attention_mask=b["attention_mask"].to(device))
-        lp, n = sequence_logprobs(logits, ids, b["loss_mask"].to(device))
-        logps.append(lp.float().cpu())
-        counts.append(n.cpu())
-    return torch.cat(logps), torch.cat(counts)
-
-
 def reference_logps(model: Transformer, items: list[Item], pad_id: int, batch_size: int, device, cache: Path) -> torch.Tensor:
     """Reference log-probs [2N] (chosen, rejected/kl per item), cached in the run folder."""
     encs = _encodings(items)
@@ -188,16 +170,14 @@ def policy_pairs(model: Transformer, tok: Tokenizer, prompts: list[list[dict]], 
                  device, seed: int) -> tuple[list[Pair], dict]:
     """N samples per prompt from the policy; the best and worst (by the judge) become a pair."""
     pairs, gaps, skipped = [], [], 0
-    stop = tok.stop_ids(chat=True)
-    gen = torch.Generator(device=device).manual_seed(seed)
     model.eval()
     chunk = max(1, 64 // n)
+    gen = torch.Generator(device=device).manual_seed(seed)
     for i in range(0, len(prompts), chunk):
         group = prompts[i : i + chunk]
-        ids = [tok.chat_ids(p, add_generation_prompt=True) for p in group for _ in range(n)]
-        outs = generate(model, ids, max_new_tokens=cfg.max_tokens, temperature=cfg.temperature, stop_ids=stop,
-                        pad_id=tok.pad_id, seed=gen)
-        replies = [tok.decode(o.tokens) for o in outs]
+        ids = [tok.chat_ids(p, add_generation_prompt=True) for p in group]
+        replies = [s["text"] for s in sample_ids(model, tok, ids, samples=n, temperature=cfg.temperature,
+                                                  max_tokens=cfg.max_tokens, seed=gen, batch_size=chunk * n)]
         scores, _ = rewards([p for p in group for _ in range(n)], replies)
         for j, prompt in enumerate(group):
             s = scores[j * n : (j + 1) * n]
@@ -213,23 +193,12 @@ def policy_pairs(model: Transformer, tok: Tokenizer, prompts: list[list[dict]], 
     return pairs, stats
 
 
-def _prompts(cfg: PreferenceConfig) -> list[list[dict]]:
-    if cfg.prompts:
-        prompts = [prompt_from_row(r) for r in read_rows(cfg.prompts, option="--prompts")]
-    else:
-        from prefcli.data import demo
-
-        prompts = [[{"role": "user", "content": r["prompt"]}] for r in demo.rl_prompts()]
-    return prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
-
-
 # ---------------------------------------------------------------- training
 def _heldout_items(cfg: PreferenceConfig, tok: Tokenizer, context: int, val: list[Item]) -> list[Item]:
     """Pairs to report accuracy on: the demo's held-out pairs when training on demo data, else the val split."""
-    if not cfg.data:
-        from prefcli.data import demo
-
-        return items_from_pairs([pair_from_row(r) for r in demo.preference_pairs("heldout")], tok, context, True)
+    heldout = sources.heldout_pairs(cfg.data)
+    if heldout is not None:
+        return items_from_pairs(heldout, tok, context, True)
     return [it for it in val if it.rejected is not None]
 
 
@@ -272,7 +241,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
     if cfg.pairs_from_policy:
         rewards = build_rewards(ws, cfg.judge_model, cfg.reward_fn, "cpu", model_option="--judge-model")
         parents += rewards.parents
-        prompts = _prompts(cfg)
+        prompts, _ = sources.prompts(cfg.prompts, "rl", cfg.num_prompts or None)
         inputs = [{"kind": "input", "name": "on-policy pairs"}]
     else:
         items, inputs = read_items(cfg, tok, context)
@@ -282,7 +251,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
         if not spec.needs_reference:
             raise PrefcliError(f"--reference: --method {cfg.method} uses no reference model", "leave --reference out")
         ref_loaded = load_model_artifact(ws, cfg.reference, "--reference", kind="causal_lm")
-        if ref_loaded.tokenizer.hf.to_str() != tok.hf.to_str():
+        if not same_tokenizer(ref_loaded.tokenizer, tok):
             raise PrefcliError(f"--reference: {ref_loaded.path} uses a different tokenizer from the policy", "pick a reference made from the same base")
         ref_model = ref_loaded.model
         parents.append(ref_loaded.parent())
@@ -301,7 +270,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
                 raise PrefcliError("--pairs-from-policy: every prompt's samples scored the same; no pair to learn from",
                                    "sample more replies per prompt, raise --temperature, or use another judge")
             items = items_from_pairs(pairs, tok, context, spec.paired)
-        train, val = split_val(items, cfg.val_fraction if cfg.data or cfg.pairs_from_policy else 0.0, cfg.seed)
+        train, val = sources.split_val(items, cfg.val_fraction if cfg.data or cfg.pairs_from_policy else 0.0, cfg.seed)
         ref_logps = None
         if spec.needs_reference:
             ref = (ref_model or model).to(device)

@@ -45,16 +45,16 @@ import torch.nn as nn
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
-from prefcli.data.examples import prompt_from_row
-from prefcli.data.readers import read_rows
+from prefcli.artifacts import load_model_artifact, note, prepare_run, save_model_artifact
+from prefcli.data import sources
 from prefcli.errors import PrefcliError
-from prefcli.generate import Completion, generate
+from prefcli.generate import Completion
+from prefcli.inference import reply_logits, reply_token_logps, sample_ids
 from prefcli.model import Transformer
 from prefcli.objectives import rl
 from prefcli.objectives.lm import token_logprobs
 from prefcli.rewards import build_rewards
-from prefcli.artifacts import load_model_artifact, note, prepare_run, save_model_artifact
-from prefcli.tokenizer import Tokenizer
+from prefcli.tokenizer import Tokenizer, same_tokenizer
 from prefcli.trainer import TrainConfig, Trainer, resolve_device, unwrap
 from prefcli.workspace import Workspace
 
@@ -196,12 +196,6 @@ class RLModel(nn.Module):
         return logits, values
 
 
-def reply_logits(model: Transformer, input_ids, attention_mask, start: int) -> torch.Tensor:
-    """Logits that predict the reply tokens (columns start..end): the head runs on those only."""
-    hidden = model(input_ids, attention_mask=attention_mask, return_hidden=True)[:, start - 1:-1]
-    return model.lm_head(hidden)
-
-
 # ---------------------------------------------------------------- rollouts
 @dataclass
 class Rollout:
@@ -242,13 +236,6 @@ def assemble(prompts: list[list[int]], completions: list[Completion], pad_id: in
         logprobs[i, :n] = torch.tensor(c.logprobs)
     finished = torch.tensor([c.finished for c in completions], dtype=torch.bool)
     return Rollout(ids, attn, P, mask, logprobs, finished)
-
-
-@torch.no_grad()
-def token_logps(model: Transformer, r: Rollout) -> torch.Tensor:
-    """A frozen model's log-probs of the reply tokens [B, R], 0 on padding."""
-    logits = reply_logits(model, r.input_ids, r.attention_mask, r.start)
-    return token_logprobs(logits, r.input_ids[:, r.start:]) * r.mask
 
 
 class Rollouts:
@@ -298,14 +285,13 @@ class Rollouts:
         prompts = [self.prompts[i] for i in idx for _ in range(n)]
         prompt_ids = [self.prompt_ids[i] for i in idx for _ in range(n)]
         seed = cfg.seed * 1_000_003 + (batch * cfg.grad_accum + micro) * dist.world_size() + dist.rank()
-        gen = torch.Generator(device=device).manual_seed(seed)
         t0 = time.perf_counter()
-        completions = generate(module.policy, prompt_ids, max_new_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                               stop_ids=tok.stop_ids(chat=True), pad_id=tok.pad_id, seed=gen)
+        samples = sample_ids(module.policy, tok, [self.prompt_ids[i] for i in idx], samples=n, max_tokens=cfg.max_tokens,
+                             temperature=cfg.temperature, seed=seed, batch_size=len(prompt_ids))
         gen_s = time.perf_counter() - t0
-        r = assemble(prompt_ids, completions, tok.pad_id)
+        r = assemble(prompt_ids, [Completion(s["tokens"], s["logprobs"], s["finished"]) for s in samples], tok.pad_id)
         r = Rollout(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in r.__dict__.items()})
-        replies = [tok.decode(c.tokens) for c in completions]
+        replies = [s["text"] for s in samples]
         scores, parts = self.rewards(prompts, replies)
         scores = torch.tensor(scores, dtype=torch.float32, device=device)
         penalised = rl.truncation_penalty(scores, r.finished, cfg.missing_eos_penalty)
@@ -313,7 +299,7 @@ class Rollouts:
         kl_coef = float(module.kl_coef)
         seq_kl = None
         if self.reference is not None:
-            r.ref_logprobs = token_logps(self.reference, r)
+            r.ref_logprobs = reply_token_logps(self.reference, r.input_ids, r.attention_mask, r.start, r.mask)
             seq_kl = (rl.kl_penalty(r.logprobs, r.ref_logprobs, "k1") * r.mask).sum(1)
 
         if cfg.method == "ppo":
@@ -382,20 +368,9 @@ def make_loss_fn(cfg: RLConfig):
 
 # ---------------------------------------------------------------- inputs
 def read_prompts(cfg: RLConfig) -> tuple[list[list[dict]], list[dict]]:
-    if cfg.prompts:
-        rows = read_rows(cfg.prompts, option="--prompts")
-        prompts = [prompt_from_row(r) for r in rows]
-        inputs = [{"kind": "input", "path": str(p)} for p in cfg.prompts]
-    else:
-        from prefcli.data import demo
-
-        prompts = [[{"role": "user", "content": r["prompt"]}] for r in demo.rl_prompts()]
-        inputs = [{"kind": "input", "name": "demo RL prompts (built-in)"}]
-    if cfg.num_prompts is not None:
-        if cfg.num_prompts < 1:
-            raise PrefcliError(f"--num-prompts {cfg.num_prompts}: must be at least 1")
-        prompts = prompts[: cfg.num_prompts]
-    return prompts, inputs
+    if cfg.num_prompts is not None and cfg.num_prompts < 1:
+        raise PrefcliError(f"--num-prompts {cfg.num_prompts}: must be at least 1")
+    return sources.prompts(cfg.prompts, "rl", cfg.num_prompts)
 
 
 def encode_prompts(tok: Tokenizer, prompts: list[list[dict]], context: int, max_tokens: int):
@@ -414,10 +389,6 @@ def encode_prompts(tok: Tokenizer, prompts: list[list[dict]], context: int, max_
         note(f"warning: {len(prompts) - len(kept)} of {len(prompts)} prompts leave no room for {max_tokens} reply tokens "
              f"in the {context}-token context and were skipped")
     return kept, ids
-
-
-def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    return a.hf.to_str() == b.hf.to_str()
 
 
 def load_value_model(ws: Workspace, cfg: RLConfig, policy_ref: str, tok: Tokenizer):
