@@ -25,7 +25,7 @@ import torch
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
-from prefcli.data import sources
+from prefcli.data.sources import demo_conversations, demo_pairs, split_val
 from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pad_batch, prompt_text
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
@@ -54,8 +54,8 @@ def demo_examples() -> tuple[list[list[dict]], dict[str, list[float]], dict[str,
     """The demo SFT chats and both replies of each demo train pair, with the gold judge's labels."""
     from prefcli.data import demo
 
-    convos = sources.demo_conversations()
-    for p in sources.demo_pairs("train"):
+    convos = demo_conversations()
+    for p in demo_pairs("train"):
         convos += [p.prompt + p.chosen, p.prompt + p.rejected]
     scores = [demo.judge(prompt_text(m[:-1]), m[-1]["content"]) for m in convos]
     labels = {a: [s[a] for s in scores] for a in demo.ATTRIBUTES}
@@ -167,7 +167,7 @@ def run(cfg: SteerConfig, ws: Workspace) -> dict:
     encoded = [(e, v) for e, v in encoded if sum(e.mask[1:]) > 0]
     if not encoded:
         raise PrefcliError("--data: no conversation has an assistant token within the context", "use shorter conversations")
-    train, val = sources.split_val(encoded, cfg.val_fraction, cfg.seed)
+    train, val = split_val(encoded, cfg.val_fraction, cfg.seed)
     label_mean = [sum(v[k] for _, v in train) / len(train) for k in range(len(attributes))]
     steering = Steering(attributes, model.config.hidden_size, sources=sources, label_mean=label_mean)
     tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
