@@ -119,16 +119,45 @@ def test_prompt_greedy_is_repeatable_and_equals_generate(cli, ws):
     assert doc["messages"] == msgs + [{"role": "assistant", "content": fresh_text(conv, msgs, 12)}]
 
 
-def test_piped_lines_one_reply_each_and_json(cli, ws, monkeypatch):
+def keep_context(tmp_path):
+    """--keep-context through a config file (the setting of ChatConfig; works with every command line)."""
+    path = tmp_path / "keep.toml"
+    path.write_text("keep_context = true\n")
+    return ("--config", path)
+
+
+def test_piped_lines_are_independent_prompts_like_prompt(cli, ws, monkeypatch):
+    lines = ["the cat sat", "", "and the dog", "a bird in the town"]
+    args = ("-w", ws.root, "chat", "--model", "sft", "--system", "be kind", "--temperature", "1.0", "--max-tokens", "12",
+            "--seed", "3")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    r = cli(*args)
+    assert r.code == 0, r.stderr
+    one_by_one = [cli(*args, "--prompt", line) for line in lines if line]
+    assert all(x.code == 0 for x in one_by_one)
+    # A file of prompts gives the replies of --prompt one by one (same seed for each prompt).
+    assert r.stdout.splitlines() == [" ".join(x.stdout.rstrip("\n").splitlines()) for x in one_by_one]
+    assert len(set(r.stdout.splitlines())) == 3  # and they are not one reply repeated
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    doc = cli(*args, "--json").json()
+    assert "messages" not in doc and len(doc["conversations"]) == 3
+    for convo, line, x in zip(doc["conversations"], [ln for ln in lines if ln], one_by_one):
+        assert convo[:2] == [{"role": "system", "content": "be kind"}, {"role": "user", "content": line}]
+        assert len(convo) == 3 and convo[2]["role"] == "assistant" and convo[2]["content"] == x.stdout.rstrip("\n")
+
+
+def test_piped_lines_one_reply_each_and_json(cli, ws, monkeypatch, tmp_path):
     lines = ["the cat sat", "", "and the dog", "a bird in the town"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
-    r = cli("-w", ws.root, "chat", "--model", "sft", "--temperature", "0", "--max-tokens", "10")
+    r = cli("-w", ws.root, "chat", "--model", "sft", "--temperature", "0", "--max-tokens", "10", *keep_context(tmp_path))
     assert r.code == 0, r.stderr
     replies = r.stdout.splitlines()
     assert len(replies) == 3  # the blank line is skipped
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
-    r = cli("-w", ws.root, "chat", "--model", "sft", "--temperature", "0", "--max-tokens", "10", "--json")
+    r = cli("-w", ws.root, "chat", "--model", "sft", "--temperature", "0", "--max-tokens", "10", "--json",
+            *keep_context(tmp_path))
     msgs = r.json()["messages"]
     assert [m["role"] for m in msgs] == ["user", "assistant"] * 3
     assert [m["content"] for m in msgs[::2]] == ["the cat sat", "and the dog", "a bird in the town"]
@@ -223,11 +252,11 @@ def test_overflow_drops_oldest_turns_keeps_system(ws):
     assert conv.messages == before
 
 
-def test_overflow_through_the_cli(cli, ws, monkeypatch):
+def test_overflow_through_the_cli(cli, ws, monkeypatch, tmp_path):
     lines = [f"turn {i} the dog" for i in range(8)]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
     r = cli("-w", ws.root, "chat", "--model", ws.short, "--system", "be kind", "--temperature", "0",
-            "--max-tokens", "8", "--json")
+            "--max-tokens", "8", "--json", *keep_context(tmp_path))
     assert r.code == 0, r.stderr
     msgs = r.json()["messages"]
     assert msgs[0] == {"role": "system", "content": "be kind"}

@@ -53,6 +53,7 @@ class ChatConfig:
     max_tokens: int = 256
     seed: int | None = None
     device: str = "auto"
+    keep_context: bool = False  # piped lines: one conversation (default: each line an independent prompt)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -223,6 +224,12 @@ class Conversation:
         """Forget the turns (the system prompt stays)."""
         self.messages = self.messages[:1] if self.system is not None else []
         self.session.reset()
+
+    def restart(self) -> None:
+        """A new conversation as if just started: the turns forgotten, the seed drawn from again."""
+        self.reset()
+        if self.seed is not None:
+            self.generator.manual_seed(self.seed)
 
     def load(self, messages: list[dict]) -> None:
         self.messages = [dict(m) for m in messages]
@@ -545,6 +552,35 @@ def repl(conv: Conversation, ws: Workspace, device) -> None:
             _note("interrupted")
 
 
+# ----------------------------------------------------------------------------- scripts
+
+def piped(conv: Conversation, lines, keep_context: bool, as_json: bool) -> list[list[dict]] | None:
+    """One reply per non-blank input line, one line each on stdout.
+
+    Each line is an independent prompt, answered as `--prompt LINE` would be (a fresh
+    conversation with the system prompt, the seed drawn from again); with keep_context
+    the lines are the user turns of one conversation. Returns the conversations (None
+    with keep_context: conv holds the one conversation).
+    """
+    conversations = None if keep_context else []
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if not keep_context:
+            conv.restart()
+        r = conv.reply(line)
+        if r.interrupted:
+            raise KeyboardInterrupt
+        if conversations is not None:
+            conversations.append([dict(m) for m in conv.messages])
+        if not as_json:
+            # One line per reply, so output lines pair with input lines (--json keeps newlines).
+            sys.stdout.write(_one_line(r.text) + "\n")
+            sys.stdout.flush()
+    return conversations
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def run(cfg: ChatConfig, ws: Workspace, as_json: bool = False) -> dict:
@@ -568,6 +604,7 @@ def run(cfg: ChatConfig, ws: Workspace, as_json: bool = False) -> dict:
     if cfg.system:
         conv.set_system(cfg.system)
 
+    conversations = None
     if cfg.prompt is not None:
         r = conv.reply(cfg.prompt)
         if r.interrupted:
@@ -575,20 +612,13 @@ def run(cfg: ChatConfig, ws: Workspace, as_json: bool = False) -> dict:
         if not as_json:
             sys.stdout.write(r.text + "\n")
     elif not sys.stdin.isatty():
-        for line in sys.stdin:
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            r = conv.reply(line)
-            if r.interrupted:
-                raise KeyboardInterrupt
-            if not as_json:
-                # One line per reply, so output lines pair with input lines (--json keeps newlines).
-                sys.stdout.write(_one_line(r.text) + "\n")
-                sys.stdout.flush()
+        conversations = piped(conv, sys.stdin, cfg.keep_context, as_json)
     else:
         repl(conv, ws, device)
     doc = conv.document()
+    if conversations is not None:
+        del doc["messages"]
+        doc["conversations"] = conversations
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     return doc
