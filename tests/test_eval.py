@@ -314,6 +314,39 @@ def test_a_model_compared_with_itself(cli, ws):
     assert doc["models"]["p"]["vs_reference"]["win_rate_gold"]["rate"] == 0.5
 
 
+def test_judge_models_are_summed_with_weights(cli, ws, tmp_path):
+    tok = Tokenizer(ws / "tokenizers/default")
+    save(ws, "p", tiny(tok.vocab_size, seed=1))
+    save(ws, "r", tiny(tok.vocab_size, seed=2))
+    save(ws, "rule", rule_reward_model(tok), kind="reward")
+    save(ws, "noise", tiny(tok.vocab_size, seed=3, lm_head=False, score_head=True), kind="reward")
+    base = ("-w", ws, "eval", "compare", "--model", "p", "--reference", "r", "--limit", "8", "--max-tokens", "8",
+            "--no-kl", "--json", "--overwrite")
+
+    def rewards(*args):
+        r = cli(*base, *args)
+        assert r.code == 0, r.stderr
+        doc = r.json()
+        return doc, [s["reward"] for row in doc["samples"] for s in row["replies"]["p"] + row["reference"]]
+
+    _, rule = rewards("--judge-model", "rule", "--out", "a")
+    _, noise = rewards("--judge-model", "noise", "--out", "b")
+    assert len(set(noise)) > 1
+    # --judge-model is repeatable with NAME=WEIGHT, as in align (here through a config file).
+    config = tmp_path / "judges.toml"
+    config.write_text('judge_model = ["rule=2", "noise=-0.5"]\n')
+    doc, summed = rewards("--config", config, "--out", "c")
+    assert summed == pytest.approx([2 * a - 0.5 * b for a, b in zip(rule, noise)], abs=1e-5)
+    assert doc["judge_model"] and doc["meta"]["config"]["judge_model"] == ["rule=2", "noise=-0.5"]
+    assert {"rule", "noise"} <= {p["name"] for p in doc["meta"]["parents"] if p["kind"] == "models"}
+    _, weighted = rewards("--judge-model", "rule=3", "--out", "d")  # one weighted judge on the command line
+    assert weighted == pytest.approx([3 * a for a in rule], abs=1e-5)
+
+    r = cli(*base, "--judge-model", "rule=much", "--out", "e")
+    assert r.code == 2 and "--judge-model rule=much: weight 'much' is not a number" in r.stderr
+    assert not (ws / "evals/e.json").exists()
+
+
 def test_kl_against_a_hand_computation(base_ws):
     tok_path = base_ws / "tokenizers/default"
     tok = Tokenizer(tok_path)
