@@ -16,8 +16,8 @@ from prefcli.cli import main
 from prefcli.errors import PrefcliError
 from prefcli.generate import generate
 from prefcli.model import Transformer, make_config
-from prefcli.stages.chat import (Conversation, Sampling, StreamDecoder, default_model, load, raw_join,
-                                 read_messages)
+from prefcli.conversation import Conversation, Sampling, StreamDecoder, raw_join
+from prefcli.stages.chat import default_model, load, read_messages
 from prefcli.artifacts import save_model_artifact, sync_token_ids
 from prefcli.tokenizer import Tokenizer
 from prefcli.workspace import Workspace
