@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from prefcli.generate import Completion
 from prefcli.objectives import rl
-from prefcli.stages.rl import METHOD_DEFAULTS, RLModel, Rollouts, assemble
+from prefcli.rollouts import RLModel, Rollouts, assemble
+from prefcli.stages.rl import METHOD_DEFAULTS
 
 PROMPTS = [
     "What is 2 plus 3?",
