@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefcli import __version__
-from prefcli.artifacts import Loaded, load_model_artifact
+from prefcli.artifacts import Loaded, load_model_artifact, load_token_dataset
 from prefcli.config import to_dict
 from prefcli.data import demo, sources
 from prefcli.data.examples import prompt_text
@@ -161,8 +161,6 @@ def run_perplexity(cfg: PerplexityConfig, ws: Workspace) -> dict:
     parents = [lm.parent()]
     data = list(cfg.data) or ["corpus"]
     if len(data) == 1 and _is_dataset_ref(ws, data[0]):
-        from prefcli.artifacts import load_token_dataset
-
         ds_path, _, tok_path = load_token_dataset(ws, data[0])
         if not same_tokenizer(Tokenizer(tok_path), lm.tokenizer):
             raise PrefcliError(
@@ -178,7 +176,7 @@ def run_perplexity(cfg: PerplexityConfig, ws: Workspace) -> dict:
         files = expand_inputs(data, "--data")
         ids = encode_documents(lm.tokenizer, iter_documents(files, cfg.text_field))
         source = ", ".join(str(f) for f in files)
-        parents += [{"kind": "files", "name": f.name, "path": str(f.resolve())} for f in files]
+        parents += sources.file_parents(files)
     if len(ids) < 2:
         raise PrefcliError(f"--data: {source} holds fewer than two tokens", "pass more text")
     res = perplexity(lm.model, lm.tokenizer, ids, batch_size=cfg.batch_size, max_windows=cfg.limit)
