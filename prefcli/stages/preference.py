@@ -270,7 +270,9 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
                 raise PrefcliError("--pairs-from-policy: every prompt's samples scored the same; no pair to learn from",
                                    "sample more replies per prompt, raise --temperature, or use another judge")
             items = items_from_pairs(pairs, tok, context, spec.paired)
-        train, val = sources.split_val(items, cfg.val_fraction if cfg.data or cfg.pairs_from_policy else 0.0, cfg.seed)
+        # The demo pairs have their own held-out split (reported below); other data gives up a share.
+        on_demo = sources.use_demo(cfg.data) and not cfg.pairs_from_policy
+        train, val = sources.split_val(items, 0.0 if on_demo else cfg.val_fraction, cfg.seed)
         ref_logps = None
         if spec.needs_reference:
             ref = (ref_model or model).to(device)

@@ -25,7 +25,7 @@ import torch
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
-from prefcli.data.sources import demo_conversations, demo_pairs, split_val
+from prefcli.data.sources import demo_conversations, demo_input, demo_pairs, file_inputs, split_val, use_demo
 from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pad_batch, prompt_text
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
@@ -136,12 +136,12 @@ def run(cfg: SteerConfig, ws: Workspace) -> dict:
     t0 = time.time()
     if not 0 <= cfg.val_fraction < 1:
         raise PrefcliError(f"--val-fraction {cfg.val_fraction} is out of range", "use a number from 0 up to 1")
-    if cfg.data:
-        convos, labels, sources = data_examples(cfg.data)
-        inputs = [{"kind": "input", "path": str(p)} for p in cfg.data]
-    else:
+    if use_demo(cfg.data):
         convos, labels, sources = demo_examples()
-        inputs = [{"kind": "input", "name": "demo sft chats and train pairs, gold-judge labels (built-in)"}]
+        inputs = demo_input("demo sft chats and train pairs, gold-judge labels")
+    else:
+        convos, labels, sources = data_examples(cfg.data)
+        inputs = file_inputs(cfg.data)
     for m in convos:
         if m[-1]["role"] != "assistant":
             raise PrefcliError("--data: every conversation must end with the assistant reply its attributes describe",
