@@ -16,6 +16,7 @@ from prefcli.config import to_dict
 from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pack_rows, pad_batch
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
+from prefcli.config import option
 from prefcli.objectives.lm import lm_loss
 from prefcli.stages.common import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
 from prefcli.trainer import Trainer, unwrap
@@ -24,12 +25,13 @@ from prefcli.workspace import Workspace
 
 @dataclass
 class SFTConfig(TrainingOptions):
-    data: list[str] = field(default_factory=list)  # empty: the built-in demo chats
-    policy: str = "base"
-    out: str = "sft"
-    train_on_prompt: bool = False
-    pack: bool = True
-    val_fraction: float = 0.05
+    data: list[str] = option(factory=list, default_text="the method's built-in demo data",  # empty: the demo chats
+                             help="Training data files, folders or globs; repeatable.")
+    policy: str = option("base", "Model to start from.")
+    out: str = option("sft", "Name of the model to write.", default_text="the method's name")
+    train_on_prompt: bool = option(False, "Put the loss on every token, not only the assistant's.")
+    pack: bool = option(True, "Pack examples into full rows (--no-pack: pad each example instead).")
+    val_fraction: float = option(0.05, "Share of the data held out for validation.", ge=0, lt=1)
 
 
 DEFAULT_STEPS = 150  # ~1.6 passes over the 3,000 demo chats at batch 32
