@@ -27,7 +27,26 @@ from prefcli.reports import console
 from prefcli.workspace import Workspace
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def _plain_help(cmd, ctx):
+    """-h/--help listed without a type (click would show <bool>)."""
+    opt = super(type(cmd), cmd).get_help_option(ctx)
+    if opt is not None:
+        opt.metavar = ""
+    return opt
+
+
+class Command(typer.core.TyperCommand):
+    get_help_option = _plain_help
+
+
+class Group(typer.core.TyperGroup):
+    get_help_option = _plain_help
+
+
 app = typer.Typer(
+    cls=Group,
     name="prefcli",
     help="End-to-end alignment workflows: tokenizer, pretraining, SFT, reward models, DPO/PPO/GRPO, chat and eval.",
     no_args_is_help=True,
@@ -88,8 +107,10 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main_options(
-    workspace_dir: Optional[Path] = typer.Option(None, "--workspace", "-w", envvar="PREFCLI_WORKSPACE", help=WORKSPACE_HELP),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    workspace_dir: Optional[Path] = typer.Option(None, "--workspace", "-w", envvar="PREFCLI_WORKSPACE", help=WORKSPACE_HELP,
+                                                 metavar="DIR"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit.",
+                                 metavar=""),
 ) -> None:
     _state["workspace"] = workspace_dir
 
@@ -139,7 +160,7 @@ def _shown_default(fld: _Field) -> str | None:
 
 
 def _panel(fld: _Field, command: str) -> str | None:
-    if fld.name in TRAINING:
+    if fld.name in TRAINING and "resume" in fld.cls.__dataclass_fields__:
         return "Training"
     if command != "align":
         return None
@@ -243,13 +264,13 @@ def add_command(target: typer.Typer, spec: stages.Command, name: str) -> None:
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__name__ = name.replace("-", "_")
-    target.command(name, help=_help(spec))(command)
+    target.command(name, help=_help(spec), cls=Command)(command)
 
 
-reward_app = typer.Typer(help="Train reward models on preference pairs, and score replies with them.", no_args_is_help=True)
-eval_app = typer.Typer(help="Measure models: perplexity, reward-model accuracy, side-by-side comparison, charts.",
+reward_app = typer.Typer(cls=Group, help="Train reward models on preference pairs, and score replies with them.", no_args_is_help=True)
+eval_app = typer.Typer(cls=Group, help="Measure models: perplexity, reward-model accuracy, side-by-side comparison, charts.",
                        no_args_is_help=True)
-pipeline_app = typer.Typer(help="Run a whole workflow from one TOML file, skipping stages that are up to date.",
+pipeline_app = typer.Typer(cls=Group, help="Run a whole workflow from one TOML file, skipping stages that are up to date.",
                            no_args_is_help=True)
 for _spec in stages.COMMANDS.values():
     _group, _, _sub = _spec.name.rpartition(" ")
@@ -260,11 +281,11 @@ app.add_typer(pipeline_app, name="pipeline")
 
 
 # ---------------------------------------------------------------- commands that are not stages
-WS_OPT = typer.Option(None, "--workspace", "-w", help=WORKSPACE_HELP)
-JSON_OPT = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+WS_OPT = typer.Option(None, "--workspace", "-w", help=WORKSPACE_HELP, metavar="DIR")
+JSON_OPT = typer.Option(False, "--json", help="Print one JSON document on stdout.", metavar="")
 
 
-@eval_app.command("plot")
+@eval_app.command("plot", cls=Command)
 def eval_plot(
     names: Optional[list[str]] = typer.Argument(None, help="Evals to chart (default: all in evals/)."),
     run: Optional[list[str]] = typer.Option(None, "--run", help="Runs whose training curves to draw (default: all in runs/)."),
@@ -285,15 +306,17 @@ def eval_plot(
         "\n".join(f"wrote {p}" for p in r["plots"]) or f"nothing to plot in {ws.root}"))
 
 
-@pipeline_app.command("run")
+@pipeline_app.command("run", cls=Command)
 def pipeline_run(
     ctx: typer.Context,
     file: Path = typer.Argument(..., metavar="FILE", help="Pipeline file: [[stage]] tables with a command and its options (see examples/pipeline.toml)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (run / skip / re-run / always) and run nothing."),
-    force: bool = typer.Option(False, "--force", help="Run every stage, even those that are up to date."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (run / skip / re-run / always) and run nothing.",
+                                 metavar=""),
+    force: bool = typer.Option(False, "--force", help="Run every stage, even those that are up to date.", metavar=""),
     set_: Optional[list[str]] = typer.Option(None, "--set", metavar="[N.]OPTION=VALUE", help="Override an option: N.option=value for stage N, or option=value for every stage that takes it."),
     workspace_dir: Optional[Path] = WS_OPT,
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary of the run (stages, status, seconds) on stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary of the run (stages, status, seconds) on stdout.",
+                                 metavar=""),
 ) -> None:
     """Run the stages of FILE in order; a stage whose output exists with the same config and inputs is skipped.
 
@@ -312,7 +335,7 @@ def pipeline_run(
         raise typer.Exit(result["exit_code"])
 
 
-@app.command("ls")
+@app.command("ls", cls=Command)
 def ls(
     name: Optional[str] = typer.Argument(None, help="Show one artifact's metadata and lineage."),
     workspace_dir: Optional[Path] = WS_OPT,

@@ -138,7 +138,7 @@ def align_config(method: str, given: dict, config_file=None):
     given = {k: v for k, v in given.items() if v is not None}
     wrong = [k for k in given if k not in fields]
     if wrong:
-        flags = ", ".join(_flag(k) for k in wrong)
+        flags = ", ".join(_flag(k, given[k]) for k in wrong)
         raise PrefcliError(f"{flags}: does not apply to --method {method}", f"see `prefcli align --help` for what {method} takes")
     if "method" in fields:
         given["method"] = method
@@ -148,14 +148,15 @@ def align_config(method: str, given: dict, config_file=None):
     return cfg
 
 
-def _flag(name: str) -> str:
-    """The flag of a config field of any align method (e.g. pack -> --no-pack)."""
+def _flag(name: str, value: Any) -> str:
+    """The flag of a config field of any align method as the user typed it (pack = False: --no-pack)."""
     from prefcli.config import flag_of
 
     for path in dict.fromkeys(METHODS.values()):
         cls = _load(path)
         if name in cls.__dataclass_fields__:
-            return flag_of(cls, name)
+            flag = flag_of(cls, name)
+            return "--no-" + flag[2:] if value is False and cls.__dataclass_fields__[name].default is True else flag
     return "--" + name.replace("_", "-")
 
 
