@@ -235,3 +235,19 @@ def test_registry_covers_the_commands_and_configs_have_help_for_every_option():
         fields = {f.name for cls in classes for f in dataclasses.fields(cls) if "help" in field_meta(cls, f.name)}
         params = {p.name for p in cmds[name].params} - {"help", "config_file", "workspace_dir", "as_json", "threads", "method"}
         assert params == fields - ({"method"} if name == "align" else set()), name
+
+
+# Fields settable from a TOML file only (tuning knobs with no flag). Any other config field needs
+# help text (prefcli.config.option) so that the generated command line shows it as an option.
+TOML_ONLY = {"method", "weight_decay", "sample_tokens", "kl_horizon", "loss_norm", "scale_rewards", "value_clip", "gamma",
+             "lam"}
+
+
+def test_every_config_field_is_an_option_unless_toml_only():
+    from prefcli.config import field_meta
+    from prefcli.stages import COMMANDS, METHODS, method_config
+
+    classes = {method_config(m) for m in METHODS} | {c.config_class() for n, c in COMMANDS.items() if n != "align"}
+    missing = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
+               if f.name not in TOML_ONLY and "help" not in field_meta(cls, f.name)]
+    assert not missing, f"give these fields option(..., help=...) so the command line shows them: {missing}"

@@ -24,7 +24,7 @@ import datetime as _dt
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -14,6 +14,9 @@ the config the stage would run with now, and every parent artifact it records is
 unchanged (same `created` time, not rebuilt earlier in this run). Otherwise it
 runs, with --overwrite. Stages whose output is not tracked (chat, reward score,
 eval plot, ls) always run.
+
+(A little over 400 lines: reading and checking the file, deciding what is up to date and
+running the stages are one job, and each part is short.)
 """
 
 from __future__ import annotations

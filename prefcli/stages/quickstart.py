@@ -9,7 +9,7 @@ Settings are the measured ones from DEMO-NOTES: a tiny model, an NLL term in DPO
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from prefcli.config import option

@@ -19,7 +19,7 @@ Labels come from (all in [0, 1]):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
