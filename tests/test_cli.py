@@ -184,6 +184,10 @@ def test_workspace_after_the_command_and_ls_on_stdout(cli, tmp_path, tokenized, 
     assert one.code == 0 and "by tokenize" in one.stdout and one.stderr == ""
     r = cli("chat", "-w", tmp_path / "empty", "--prompt", "hi")
     one_line_error(r, f"no chat model in workspace {tmp_path / 'empty'}")
+    pipe = tmp_path / "pipe.toml"
+    pipe.write_text('[[stage]]\ncommand = "tokenize"\n')
+    r = cli("pipeline", "run", pipe, "-w", tokenized, "--dry-run", "--json")
+    assert r.code == 0 and r.json()["workspace"] == str(tokenized)
     assert not (tmp_path / "elsewhere").exists()
 
 
