@@ -27,7 +27,7 @@ def out_console() -> Console:
 
 def table(title: str, columns: list[str], **kw) -> Table:
     """A table whose headers are never cut: each column at least as wide as its header."""
-    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, **kw)
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), **kw)
     for col in columns:
         t.add_column(col, min_width=len(col), overflow="fold")
     return t
@@ -164,7 +164,7 @@ def quickstart(r: dict, cfg=None) -> None:
     saved = f" The comparison is saved as {r['eval']}." if r.get("eval") else ""
     console.print(f"\n{verdict(cmp)}{saved}\nChat with the best model:\n  prefcli {ws_flag}chat --model {best}\n"
                   f"  prefcli {ws_flag}chat --model {best} --prompt 'What is 3 plus 4?'\n"
-                  f"  prefcli {ws_flag}ls", highlight=False)
+                  f"  prefcli {ws_flag}ls", highlight=False, soft_wrap=True)  # unwrapped: commands to copy
 
 
 # ---------------------------------------------------------------- ls
