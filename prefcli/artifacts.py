@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from prefcli import distributed as dist
+from prefcli.config import option
 from prefcli.errors import PrefcliError
 from prefcli.model import Transformer, load_model, save_model
 from prefcli.tokenizer import Tokenizer, copy_tokenizer_files
@@ -27,20 +28,20 @@ class TrainingOptions:
     A stage's config derives from this and redeclares a field to change its default.
     """
 
-    max_steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup: int = 10
-    weight_decay: float = 0.0
-    eval_every: int = 50
-    save_every: int = 100
-    resume: bool = False
-    compile: bool = False
-    seed: int = 0
-    device: str = "auto"
-    overwrite: bool = False
+    max_steps: int | None = option(None, "Optimizer steps to train.", ge=1, default_text="per stage")
+    epochs: float | None = option(None, "Passes over the data (when --max-steps is not given).", gt=0, default_text="off")
+    batch_size: int = option(32, "Examples per micro-batch (per process).", ge=1)
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", ge=1)
+    lr: float = option(1e-3, "Peak learning rate (warmup, then cosine decay).", gt=0)
+    warmup: int = option(10, "Warmup steps.", ge=0)
+    weight_decay: float = option(0.0, ge=0)
+    eval_every: int = option(50, "Validate every N steps (and at the end); 0: only at the end.", ge=0)
+    save_every: int = option(100, "Checkpoint every N steps (and at the end) into runs/<out>/checkpoints; 0: only at the end.", ge=0)
+    resume: bool = option(False, "Continue the run runs/<out> from its last checkpoint.")
+    compile: bool = option(False, "torch.compile the model.")
+    seed: int = option(0, "Random seed.")
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
+    overwrite: bool = option(False, "Replace an existing artifact of the same name.")
 
 
 @dataclass

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 
 def test_quickstart_fast_runs_every_stage_and_reports(cli, tmp_path, capsys):
     ws = tmp_path / "ws"
@@ -16,10 +22,25 @@ def test_quickstart_fast_runs_every_stage_and_reports(cli, tmp_path, capsys):
         assert 0 <= model["gold"]["good"]["rate"] <= 1
         assert model["vs_reference"]["win_rate_gold"]["n"] == 30
         assert (ws / "models" / name / "meta.json").is_file()
-    from prefcli.cli import _quickstart_report
+    # The comparison is an eval artifact too.
+    saved = json.loads((ws / "evals/quickstart.json").read_text())
+    assert saved["meta"]["name"] == "quickstart" and set(saved["models"]) == {"dpo", "rloo"} and out["eval"].endswith("quickstart.json")
+    from prefcli.reports import best_model, quickstart, verdict
 
-    _quickstart_report(out)  # the human report of the same result
+    quickstart(out)  # the human report of the same result
     shown = " ".join(capsys.readouterr().err.split())  # rich wraps lines at the terminal width
-    assert "against sft on 30 held-out prompts" in shown and f"prefcli -w {ws} chat --model" in shown
+    best = best_model(cmp)
+    assert best in ("dpo", "rloo") and verdict(cmp) in shown and "by the gold judge" in shown
+    assert "against sft on 30 held-out prompts" in shown and f"prefcli -w {ws} chat --model {best}" in shown
+    # At 80 columns in a pipe (CI logs) the tables keep every header whole.
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    code = "import json, sys; from prefcli.reports import quickstart; quickstart(json.load(sys.stdin))"
+    report = subprocess.run([sys.executable, "-c", code], input=r.stdout, capture_output=True, text=True, env=env, timeout=120)
+    assert report.returncode == 0, report.stderr
+    lines = report.stderr.splitlines()
+    tables = lines[:next(i for i, line in enumerate(lines) if line.startswith("good: share"))]
+    assert max(len(line) for line in tables) <= 80
+    header = next(line for line in lines if line.split()[:2] == ["model", "good"])
+    assert header.split() == ["model", "good", "win", "correct", "polite", "concise", "RM", "win", "KL", "dist-2", "len"]
     again = cli("-w", ws, "quickstart", "--fast")
     assert again.code == 2 and "already holds" in again.stderr and "--overwrite" in again.stderr

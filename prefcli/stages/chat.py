@@ -25,6 +25,7 @@ from prefcli.artifacts import Loaded, load_model_artifact
 from prefcli.chat_format import ROLES
 from prefcli.conversation import SETTINGS, Conversation, Sampling, check_setting
 from prefcli.errors import PrefcliError
+from prefcli.config import option
 from prefcli.workspace import Workspace, read_meta
 
 err = Console(stderr=True, highlight=False)  # decoration: labels, notes, errors (the reply goes to stdout)
@@ -32,18 +33,21 @@ err = Console(stderr=True, highlight=False)  # decoration: labels, notes, errors
 
 @dataclass
 class ChatConfig:
-    model: str | None = None  # None: the newest chat model in the workspace
-    raw: bool = False
-    prompt: str | None = None
-    system: str | None = None
-    prefer: str | None = None  # steering (a model made by align --method steer): NAME=WEIGHT,...
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    max_tokens: int = 256
-    seed: int | None = None
-    device: str = "auto"
-    keep_context: bool = False  # piped lines: one conversation (default: each line an independent prompt)
+    model: str | None = option(None, "Model to chat with: a workspace name or a folder (prefcli or HF).",  # None: the newest chat model in the workspace
+                               default_text="the newest chat model (an aligned policy, else sft)")
+    raw: bool = option(False, "Plain text continuation without the chat template (base models).")
+    prompt: str | None = option(None, "Print the reply to this one message on stdout and exit.", default_text="none")
+    system: str | None = option(None, "System prompt.", default_text="none")
+    prefer: str | None = option(None, "Steer a model made by `align --method steer`: NAME=WEIGHT,... (e.g. correct=1,polite=0); "
+                                      "unnamed attributes keep their defaults (1).", default_text="none")
+    # The sampling settings' ranges are checked by check_setting, in the same words as the REPL's /set.
+    temperature: float = option(0.7, "Sampling temperature; 0 is greedy and repeatable.")
+    top_p: float = option(0.9, "Nucleus sampling: keep the most likely tokens up to this mass.")
+    top_k: int = option(0, "Keep only the k most likely tokens; 0 is off.")
+    max_tokens: int = option(256, "Longest reply in tokens.")
+    seed: int | None = option(None, "Random seed.", default_text="random")
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
+    keep_context: bool = option(False, "Piped lines: keep one conversation (default: each line is an independent prompt).")
 
 
 # ----------------------------------------------------------------------------- model choice

@@ -15,12 +15,12 @@ from __future__ import annotations
 import datetime as _dt
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefcli import __version__
 from prefcli.artifacts import Loaded, load_model_artifact, load_token_dataset
-from prefcli.config import to_dict
+from prefcli.config import option, to_dict
 from prefcli.data import demo, sources
 from prefcli.data.examples import prompt_text
 from prefcli.data.readers import SUPPORTED, expand_inputs, iter_documents
@@ -35,52 +35,57 @@ from prefcli.workspace import NAME_RE, Workspace, parent_ref
 # ============================================================== the CLI's recipes
 @dataclass
 class PerplexityConfig:
-    model: str = "base"
-    data: list[str] = field(default_factory=list)  # empty: dataset corpus
-    split: str = "val"
-    text_field: str = "text"
-    limit: int | None = None  # windows
-    batch_size: int = 16
-    device: str = "auto"
-    out: str | None = None
-    overwrite: bool = False
-    plot: bool = False
+    model: str = option("base", "Model to measure.")
+    data: list[str] = option(factory=list, default_text="the dataset corpus",  # empty: dataset corpus
+                             help="A token dataset, or text files, folders and globs encoded with the model's tokenizer; repeatable.")
+    split: str = option("val", "Split of a dataset.", choices=("val", "train"))
+    text_field: str = option("text", "Field holding the text in .jsonl/.json/.parquet rows.")
+    limit: int | None = option(None, "Measure only the first N windows of the model's context.", ge=1, default_text="all")  # windows
+    batch_size: int = option(16, "Windows per forward pass.", ge=1)
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
+    out: str | None = option(None, "Name of the eval, written to evals/<name>.json.", default_text="<subcommand>-<model>")
+    overwrite: bool = option(False, "Replace an existing eval of the same name.")
+    plot: bool = option(False, "Also draw PNG charts into evals/<name>-*.png (pip install 'prefcli[plot]').")
 
 
 @dataclass
 class RewardEvalConfig:
-    model: str = "rm"
-    pairs: list[str] = field(default_factory=list)  # empty: the demo held-out pairs
-    gold: bool = False
-    limit: int | None = None
-    batch_size: int = 64
-    device: str = "auto"
-    out: str | None = None
-    overwrite: bool = False
-    plot: bool = False
+    model: str = option("rm", "Reward model to measure.")
+    pairs: list[str] = option(factory=list, default_text="the held-out demo pairs",  # empty: the demo held-out pairs
+                              help="Preference pairs (prompt/chosen/rejected; .jsonl/.json/.parquet); repeatable.")
+    gold: bool = option(False, "Break accuracy down with the demo's gold judge (on for the demo pairs).")
+    limit: int | None = option(None, "Measure only the first N pairs.", ge=1, default_text="all")
+    batch_size: int = option(64, "Replies scored per forward pass.", ge=1)
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
+    out: str | None = option(None, "Name of the eval, written to evals/<name>.json.", default_text="<subcommand>-<model>")
+    overwrite: bool = option(False, "Replace an existing eval of the same name.")
+    plot: bool = option(False, "Also draw PNG charts into evals/<name>-*.png (pip install 'prefcli[plot]').")
 
 
 @dataclass
 class CompareConfig:
-    model: list[str] = field(default_factory=list)
-    reference: str | None = None  # None: sft when it exists
-    judge_model: list[str] = field(default_factory=list)  # NAME[=WEIGHT] reward models, summed
-    prompts: list[str] = field(default_factory=list)  # empty: the demo eval prompts
-    gold: bool = False
-    limit: int | None = None
-    samples: int = 1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_tokens: int = 64
-    seed: int = 0
-    batch_size: int = 64
-    kl: bool = True
-    prefer: list[str] = field(default_factory=list)  # steering settings, each a column per steered model
-    device: str = "auto"
-    out: str | None = None
-    overwrite: bool = False
-    plot: bool = False
+    model: list[str] = option(factory=list, default_text="none", help="Model to compare (repeat for several, side by side).")
+    reference: str | None = option(None, "Model to compare against and take KL to.", default_text="sft if it exists")  # None: sft when it exists
+    judge_model: list[str] = option(factory=list, default_text="none",  # NAME[=WEIGHT] reward models, summed
+                                    help="Reward model that judges win rates and mean reward: NAME or NAME=WEIGHT; repeatable (weighted sum).")
+    prompts: list[str] = option(factory=list, default_text="the 300 held-out demo prompts",  # empty: the demo eval prompts
+                                help="Prompt rows (prompt or messages; .jsonl/.json/.parquet); repeatable.")
+    gold: bool = option(False, "Judge --prompts with the demo's gold judge (on for the demo prompts).")
+    limit: int | None = option(None, "Measure only the first N prompts.", ge=1, default_text="all")
+    samples: int = option(1, "Replies sampled per prompt.", ge=1)
+    temperature: float = option(1.0, "Sampling temperature (1.0: the policy's own distribution; 0 = greedy).", ge=0)
+    top_k: int = option(0, "Top-k sampling; 0: off.", ge=0)
+    top_p: float = option(1.0, "Nucleus sampling; 1.0: off.", gt=0, le=1)
+    max_tokens: int = option(64, "Most tokens per reply.", ge=1)
+    seed: int = option(0, "Random seed.")
+    batch_size: int = option(64, "Prompts sampled at once.", ge=1)
+    kl: bool = option(True, "Estimate KL(model || reference) (needs one tokenizer).")
+    prefer: list[str] = option(factory=list, default_text="none",  # steering settings, each a column per steered model
+                               help="Steer the --model(s) made by `align --method steer`: NAME=WEIGHT,...; repeat it to compare several settings side by side.")
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
+    out: str | None = option(None, "Name of the eval, written to evals/<name>.json.", default_text="<subcommand>-<model>")
+    overwrite: bool = option(False, "Replace an existing eval of the same name.")
+    plot: bool = option(False, "Also draw PNG charts into evals/<name>-*.png (pip install 'prefcli[plot]').")
 
 
 def slug(text: str) -> str:

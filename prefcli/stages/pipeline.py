@@ -7,22 +7,23 @@ The file lists stages, each a command with its own command-line options:
     command = "pretrain"
     options = { layers = 2, dim = 64, max-steps = 300 }
 
-Every stage runs through the same code path as the command typed by hand
-(`prefcli.cli.main`). A stage is skipped when its output artifact exists, records
+Every stage runs through the same code path as the command typed by hand: the
+caller (prefcli/cli.py) hands over its click command group and its `main`, so this
+module never imports the command line. A stage is skipped when its output artifact exists, records
 the config the stage would run with now, and every parent artifact it records is
 unchanged (same `created` time, not rebuilt earlier in this run). Otherwise it
 runs, with --overwrite. Stages whose output is not tracked (chat, reward score,
 eval plot, ls) always run.
+
+(A little over 400 lines: reading and checking the file, deciding what is up to date and
+running the stages are one job, and each part is short.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import importlib
 import json
-import math
 import shlex
 import sys
 import time
@@ -31,20 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from prefcli.config import build_config, to_dict, tomllib
+from prefcli import stages as registry
+from prefcli.config import resolved, to_dict, tomllib
 from prefcli.errors import PrefcliError
 from prefcli.workspace import KINDS, Workspace, check_name, damaged_files, default_root, read_meta
 
-# Commands whose outputs can be tracked: command -> (module, config class, --config section).
-# `align` is looked up per method in prefcli.stages.align.METHODS.
-TRACKED = {
-    "tokenize": ("prefcli.stages.tokenize", "TokenizeConfig", "tokenize"),
-    "pretrain": ("prefcli.stages.pretrain", "PretrainConfig", "pretrain"),
-    "reward train": ("prefcli.stages.reward", "RewardConfig", "reward"),
-    "eval perplexity": ("prefcli.stages.evaluate", "PerplexityConfig", "eval-perplexity"),
-    "eval reward": ("prefcli.stages.evaluate", "RewardEvalConfig", "eval-reward"),
-    "eval compare": ("prefcli.stages.evaluate", "CompareConfig", "eval-compare"),
-}
+# Commands whose outputs can be tracked (the rest always run); their configs come from the stage registry.
+TRACKED = ("tokenize", "pretrain", "align", "reward train", "eval perplexity", "eval reward", "eval compare")
 IGNORED = {"overwrite", "resume"}  # how a stage was run, not what it made
 STAGE_KEYS = {"command", "options", "args"}
 
@@ -67,7 +61,7 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------- reading the file
-def load(path: Path | str, sets: list[str] | None = None) -> Pipeline:
+def load(path: Path | str, sets: list[str] | None, group: Any) -> Pipeline:
     """Read and check the whole file (and --set overrides) before anything runs."""
     path = Path(path)
     if not path.is_file():
@@ -86,10 +80,6 @@ def load(path: Path | str, sets: list[str] | None = None) -> Pipeline:
     if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
         raise PrefcliError(f"{path}: no stages", "list them as [[stage]] tables with a `command` and `options`")
 
-    from prefcli.cli import app
-    import typer
-
-    group = typer.main.get_command(app)
     commands = [_command(group, t, path, n) for n, t in enumerate(tables, 1)]
     options = [dict(t.get("options", {})) for t in tables]
     _apply_sets(sets or [], commands, options, path)
@@ -186,14 +176,11 @@ def _applies(name: str, cmd: Any, opts: dict, key: str) -> bool:
         return True
     method = next((v for k, v in opts.items() if k in ("method", "m")), None)
     try:
-        from prefcli.stages.align import method_config
-
-        _, cls = method_config(str(method))
-    except (PrefcliError, ImportError):
+        cls = registry.method_config(str(method))
+    except PrefcliError:
         return True  # the stage's own check reports it
     param, _ = _flag(cmd, key)
-    field_name = "pack" if param.name == "no_pack" else param.name
-    return field_name in {f.name for f in dataclasses.fields(cls)} or param.name in ("config", "as_json")
+    return param.name in {f.name for f in dataclasses.fields(cls)} or param.name in registry.CLI_EXTRAS
 
 
 def _argv(cmd: Any, name: str, opts: dict, args: Any) -> list[str]:
@@ -236,30 +223,9 @@ def _stage(n: int, name: str, cmd: Any, table: dict, opts: dict) -> Stage:
         raise PrefcliError(e.format_message(), f"see `prefcli {name} --help`") from None
     stage = Stage(n, name, argv, takes_overwrite=any(p.name == "overwrite" for p in cmd.params))
     given, untracked = _given(cmd, ctx.params)
-    if name == "align":
-        from prefcli.stages.align import method_config
-
-        method = given.pop("method")  # the CLI hands it over apart from the options
-        _, cls = method_config(method)
-        names = {f.name for f in dataclasses.fields(cls)}
-        wrong = sorted(k for k in given if k not in names)
-        if wrong:
-            flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
-            raise PrefcliError(f"{flags}: does not apply to --method {method}", f"see `prefcli align --help` for what {method} takes")
-        if method != "sft" and "method" in names:
-            given["method"] = method
-        cfg = build_config(cls, ctx.params.get("config"), "align", **given)
-        if getattr(cfg, "out", None) is None:
-            cfg.out = method
-    elif name in TRACKED and not untracked:
-        module, cls_name, section = TRACKED[name]
-        cls = getattr(importlib.import_module(module), cls_name)
-        names = {f.name for f in dataclasses.fields(cls)}
-        if any(k not in names for k in given):  # an option this table does not know: do not guess
-            return stage
-        cfg = build_config(cls, ctx.params.get("config"), section, **given)
-    else:
+    if name not in TRACKED or untracked:
         return stage
+    cfg = registry.build(name, given, ctx.params.get("config_file"), method=ctx.params.get("method"))
     stage.outputs = _outputs(name, cfg)
     if stage.outputs is not None:
         for kind, out in stage.outputs:
@@ -269,22 +235,20 @@ def _stage(n: int, name: str, cmd: Any, table: dict, opts: dict) -> Stage:
 
 
 def _given(cmd: Any, params: dict) -> tuple[dict, bool]:
-    """The config options the CLI would pass: what the user set (the CLI's `x or None` rule)."""
+    """The config options the command line would pass (its parameters are the config's fields), and
+    whether it has arguments (a command with arguments is not tracked)."""
     given, untracked = {}, False
     for p in cmd.params:
-        if not _is_option(p) or p.name in ("config", "as_json", "help"):
-            if not _is_option(p) and params.get(p.name):
-                untracked = True
+        value = params.get(p.name)
+        if not _is_option(p):
+            untracked = untracked or bool(value)
             continue
-        name, value = p.name, params.get(p.name)
-        if name == "no_pack":  # align: --no-pack is pack = False
-            name, value = "pack", (False if value else None)
-        elif isinstance(value, bool):
-            value = None if value == p.default else value
-        elif isinstance(value, (list, tuple)):
+        if p.name in registry.CLI_EXTRAS or p.name == "help" or value is None:
+            continue
+        if isinstance(value, (list, tuple)):
             value = list(value) or None
         if value is not None:
-            given[name] = str(value) if isinstance(value, Path) else value
+            given[p.name] = str(value) if isinstance(value, Path) else value
     return given, untracked
 
 
@@ -307,27 +271,8 @@ def _outputs(name: str, cfg: Any) -> list[tuple[str, str]] | None:
 
 
 def _as_recorded(cfg: Any) -> dict:
-    """The config as the stage will write it into meta.json: with the defaults it fills in at run time.
-
-    A stage module's `resolve(cfg)`, when it has one, is what it records (rl.py: each
-    method's defaults). The rest mirrors what a stage changes before recording it.
-    """
-    cfg = copy.deepcopy(cfg)
-    resolve = getattr(importlib.import_module(type(cfg).__module__), "resolve", None)
-    if callable(resolve):
-        cfg = resolve(cfg)
-    doc = to_dict(cfg)
-    if type(cfg).__name__ == "PreferenceConfig" and doc["beta"] is None:
-        from prefcli.objectives.preference import METHODS  # preference.py records the method's default beta
-
-        doc["beta"] = METHODS[doc["method"]].defaults.get("beta") if doc["method"] in METHODS else None
-    if type(cfg).__name__ == "RLConfig":
-        if not doc.get("reward_model") and not doc.get("reward_fn"):
-            doc["reward_model"] = ["rm"]  # rl.py: no reward given means the workspace's "rm"
-        k = doc.get("ppo_epochs") or 1  # rl.py: steps and checkpoints fall on whole batches of rollouts
-        if k > 1 and isinstance(doc.get("max_steps"), int):
-            doc["max_steps"], doc["save_every"] = (k * math.ceil(doc[f] / k) for f in ("max_steps", "save_every"))
-    return json.loads(json.dumps(doc, default=str))
+    """The config as the stage will write it into meta.json: with the defaults the config resolves itself."""
+    return json.loads(json.dumps(to_dict(resolved(cfg)), default=str))
 
 
 # ---------------------------------------------------------------- deciding what to run
@@ -404,13 +349,15 @@ def _inputs_changed(parents: list[dict], rebuilt: set[Path]) -> str:
 
 
 # ---------------------------------------------------------------- running
-def run(path: Path | str, workspace: Path | str | None, *, sets: list[str] | None = None, force: bool = False,
-        dry_run: bool = False, quiet_stdout: bool = False) -> dict:
-    """Run (or with dry_run, plan) the pipeline; returns the summary, with `exit_code` of the first failure."""
-    from prefcli.cli import main
+def run(path: Path | str, workspace: Path | str | None, *, group: Any, invoke_main: Callable[[list[str]], None],
+        sets: list[str] | None = None, force: bool = False, dry_run: bool = False, quiet_stdout: bool = False) -> dict:
+    """Run (or with dry_run, plan) the pipeline; returns the summary, with `exit_code` of the first failure.
 
+    group: the command line's click group (to read each stage's options as its command would);
+    invoke_main: the command line's entry point, which runs each stage.
+    """
     t0 = time.time()
-    pipeline = load(path, sets)
+    pipeline = load(path, sets, group)
     ws = Workspace(workspace if workspace is not None else (pipeline.workspace or default_root()))
     rebuilt: set[Path] = set()
     rows: list[dict] = []
@@ -437,7 +384,7 @@ def run(path: Path | str, workspace: Path | str | None, *, sets: list[str] | Non
             row.update(status="skipped", seconds=0.0)
             continue
         t = time.time()
-        code = invoke(main, ["-w", str(ws.root), *stage.command.split(), *argv], quiet_stdout)
+        code = invoke(invoke_main, ["-w", str(ws.root), *stage.command.split(), *argv], quiet_stdout)
         row.update(status="ok" if code == 0 else "failed", exit_code=code, seconds=round(time.time() - t, 2))
         if code != 0:
             failed = row

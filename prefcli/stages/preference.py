@@ -8,10 +8,11 @@ method's loss with chosen and rejected in one forward pass, save models/<method>
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from prefcli import distributed as dist
 from prefcli.config import to_dict
 from prefcli.artifacts import TrainingOptions, load_model_artifact, prepare_run, save_model_artifact, train_config
 from prefcli.data import sources
+from prefcli.config import option
 from prefcli.data.examples import Encoded, Pair, encode_completion, pad_batch, pair_from_row, prompt_from_row
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
@@ -34,31 +36,51 @@ from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace
 
 
+def _method_defaults(option_name: str) -> str:
+    """--help's default of a loss option: each method's that takes it."""
+    return ", ".join(f"{m} {spec.defaults[option_name]}" for m, spec in METHODS.items() if option_name in spec.defaults)
+
+
 @dataclass
 class PreferenceConfig(TrainingOptions):
     method: str = "dpo"
-    data: list[str] = field(default_factory=list)  # empty: the built-in demo pairs
-    policy: str = "sft"
-    reference: str | None = None  # default: the policy's starting weights
-    out: str | None = None
-    beta: float | None = None  # None: the method's default
-    label_smoothing: float | None = None
-    simpo_gamma: float | None = None
-    desirable_weight: float | None = None
-    undesirable_weight: float | None = None
-    rpo_alpha: float = 0.0
+    data: list[str] = option(factory=list, default_text="the method's built-in demo data",  # empty: the demo pairs
+                             help="Training data files, folders or globs; repeatable.")
+    policy: str = option("sft", "Model to start from.")
+    reference: str | None = option(None, "Reference model.", default_text="the policy's starting weights")
+    out: str | None = option(None, "Name of the model to write.", default_text="the method's name")
+    beta: float | None = option(None, "The method's beta.", gt=0, default_text=_method_defaults("beta"))  # None: the method's default
+    label_smoothing: float | None = option(None, "dpo (conservative DPO) and robust: assumed share of flipped labels.",
+                                           ge=0, lt=0.5, default_text=_method_defaults("label_smoothing"))
+    simpo_gamma: float | None = option(None, "simpo: target reward margin gamma.", ge=0,
+                                       default_text=_method_defaults("simpo_gamma"))
+    desirable_weight: float | None = option(None, "kto: weight of desirable replies.", gt=0,
+                                            default_text=_method_defaults("desirable_weight"))
+    undesirable_weight: float | None = option(None, "kto: weight of undesirable replies.", gt=0,
+                                              default_text=_method_defaults("undesirable_weight"))
+    rpo_alpha: float = option(0.0, "Add A x NLL of the chosen reply to the pair loss (RPO); keeps tiny models stable.", ge=0)
     # On-policy pairs: N samples per prompt, best vs worst by a judge; repeated for `rounds`.
-    pairs_from_policy: int = 0
-    rounds: int = 1
-    prompts: list[str] = field(default_factory=list)  # default: the built-in RL prompts
-    num_prompts: int | None = None
-    judge_model: list[str] = field(default_factory=list)
-    reward_fn: list[str] = field(default_factory=list)
-    temperature: float = 1.0
-    max_tokens: int = 64
-    val_fraction: float = 0.05
+    pairs_from_policy: int = option(0, "Build pairs from N policy samples per prompt: best vs worst by --judge-model / --reward-fn; 0: off.",
+                                    ge=0)
+    rounds: int = option(1, "With --pairs-from-policy: repeat sample, rank, train K times (iterative DPO).", ge=1)
+    prompts: list[str] = option(factory=list, default_text="the built-in RL prompts",  # default: the built-in RL prompts
+                                help="Prompt rows (prompt or messages) to sample from; repeatable.")
+    num_prompts: int | None = option(None, "Use only the first N prompts.", ge=1, default_text="all")
+    judge_model: list[str] = option(factory=list, default_text="none",
+                                    help="Reward model ranking the samples (NAME or NAME=WEIGHT; repeatable).")
+    reward_fn: list[str] = option(factory=list, default_text="none",
+                                  help="Reward function: demo (the gold judge) or MODULE:FUNCTION, optionally =WEIGHT; repeatable.")
+    temperature: float = option(1.0, "Sampling temperature for on-policy samples.", ge=0)
+    max_tokens: int = option(64, "Longest sampled reply in tokens.", ge=1)
+    val_fraction: float = option(0.05, "Share of the data held out for validation.", ge=0, lt=1)
     lr: float = 5e-4  # measured on the demo with --rpo-alpha 1: win rate over sft 0.66 at 1e-4/120 steps, 0.77 at 5e-4/300
     eval_every: int = 0
+
+    def resolved(self) -> "PreferenceConfig":
+        """A copy with the method's defaults filled in (beta); what the stage records and trains with."""
+        spec = METHODS.get(self.method)
+        beta = self.beta if self.beta is not None or spec is None else spec.defaults["beta"]
+        return dataclasses.replace(self, beta=beta)
 
 
 DEFAULT_STEPS = 300  # ~5 passes over the 2,000 demo pairs at batch 32
@@ -224,7 +246,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
         raise PrefcliError(f"--method {cfg.method}: unknown preference method", f"choose one of {', '.join(METHODS)}")
     spec = METHODS[cfg.method]
     opts = method_options(cfg)
-    beta = cfg.beta if cfg.beta is not None else spec.defaults["beta"]
+    beta = cfg.resolved().beta
     if cfg.rounds < 1 or cfg.pairs_from_policy < 0:
         raise PrefcliError("--rounds must be at least 1 and --pairs-from-policy at least 0")
     if cfg.rounds > 1 and not cfg.pairs_from_policy:

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
+from prefcli.config import option
+from prefcli.model import SIZE_PRESETS
 from prefcli.data.tokens import TokenArray
 from prefcli.errors import PrefcliError
 from prefcli.generate import generate
@@ -30,25 +32,27 @@ VAL_WINDOWS = 64  # validation windows (fixed, non-overlapping): enough for a st
 
 @dataclass
 class PretrainConfig(TrainingOptions):
-    data: str = "corpus"
-    init: str | None = None
-    size: str = "tiny"
-    layers: int | None = None
-    dim: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    ffn_dim: int | None = None
-    context: int | None = None
-    tokens: int | None = None
+    data: str = option("corpus", "Token dataset.")
+    init: str | None = option(None, "Continue pretraining this model (prefcli or HF folder) instead of starting from scratch.",
+                              default_text="from scratch")
+    size: str = option("tiny", "Shape preset: tiny (~1M params), small (~5M), base (~25M), gpt2 (~124M).",
+                       choices=SIZE_PRESETS)
+    layers: int | None = option(None, "Transformer blocks.", ge=1, default_text="the preset's")
+    dim: int | None = option(None, "Hidden size.", ge=1, default_text="the preset's")
+    heads: int | None = option(None, "Attention heads.", ge=1, default_text="the preset's")
+    kv_heads: int | None = option(None, "Key/value heads (grouped-query attention).", ge=1, default_text="the preset's")
+    ffn_dim: int | None = option(None, "MLP hidden size.", ge=1, default_text="the preset's")
+    context: int | None = option(None, "Context length in tokens.", ge=2, default_text="the preset's")
+    tokens: int | None = option(None, "Train on this many tokens (instead of --max-steps).", ge=1, default_text="off")
     batch_size: int = 16
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.1
     eval_every: int = 100
     save_every: int = 200
-    fsdp: bool = False
-    out: str = "base"
-    sample_tokens: int = 48
+    fsdp: bool = option(False, "Shard the model across processes (torchrun) with FSDP.")
+    out: str = option("base", "Name of the model to write.")
+    sample_tokens: int = option(48, ge=0)
 
 
 DEFAULT_STEPS = 600  # about 1.2M tokens of the demo corpus with the tiny preset: ~1 minute on 2 cores

@@ -9,22 +9,28 @@ Settings are the measured ones from DEMO-NOTES: a tiny model, an NLL term in DPO
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
+from prefcli.config import option
 from prefcli.errors import PrefcliError
+from prefcli.model import SIZE_PRESETS
+from prefcli import stages
+from prefcli.stages import METHODS
 from prefcli.workspace import Workspace
 
 
 @dataclass
 class QuickstartConfig:
-    size: str = "tiny"
-    fast: bool = False  # a much shorter run, for smoke tests
-    methods: list[str] = field(default_factory=lambda: ["dpo", "rloo"])  # rloo: best gold win rate per second of the online methods
-    eval_prompts: int = 300
-    seed: int = 0
-    device: str = "auto"
-    overwrite: bool = False
+    size: str = option("tiny", "Model size preset (tiny: ~1M parameters).", choices=SIZE_PRESETS)
+    fast: bool = option(False, "A much shorter run (seconds, not minutes), for smoke tests.")  # a much shorter run, for smoke tests
+    methods: list[str] = option(factory=lambda: ["dpo", "rloo"], flag="--method", default_text="dpo, rloo",  # rloo: best gold win rate per second of the online methods
+                                choices=[m for m in METHODS if m != "sft"],
+                                help="Alignment methods to run after sft (repeatable).")
+    eval_prompts: int = option(300, "Held-out prompts for the final comparison.", ge=1)
+    seed: int = option(0, "Random seed.")
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
+    overwrite: bool = option(False, "Replace the artifacts of an earlier quickstart in the workspace.")
 
 
 # The stages' defaults for the reward model (2,400 steps) and online RL (300 steps of 128
@@ -39,55 +45,63 @@ QUICKSTART_RL_STEPS, QUICKSTART_RL_BATCH = 30, 64
 class Step:
     name: str  # what the report calls it
     command: str  # the equivalent command line
-    run: Callable[[], dict]
+    stage: str  # the registry's command
+    options: dict  # its options, as the command line would give them
     metric: Callable[[dict], str]
 
+    def run(self, ws: Workspace) -> dict:
+        method = self.options.pop("method", None) if self.stage == "align" else None
+        cfg = stages.build(self.stage, self.options, method=method)
+        return stages.run(self.stage, cfg, ws)
 
-def _steps(cfg: QuickstartConfig, ws: Workspace) -> list[Step]:
-    from prefcli.stages import align, preference, pretrain, reward, sft, tokenize
-    from prefcli.stages.preference import PreferenceConfig
 
+def _steps(cfg: QuickstartConfig) -> list[Step]:
     fast = cfg.fast
     common = dict(seed=cfg.seed, device=cfg.device, overwrite=cfg.overwrite)
-    pre = pretrain.PretrainConfig(size=cfg.size, max_steps=20 if fast else None, eval_every=0 if fast else 100, **common)
     steps = [
-        Step("tokenize", "prefcli tokenize",
-             lambda: tokenize.run(tokenize.TokenizeConfig(seed=cfg.seed, overwrite=cfg.overwrite), ws),
+        Step("tokenize", "prefcli tokenize", "tokenize", dict(seed=cfg.seed, overwrite=cfg.overwrite),
              lambda r: f"{r['train_tokens'] + r['val_tokens']:,} tokens, vocabulary {r['vocab_size']:,}"),
-        Step("pretrain", f"prefcli pretrain --size {cfg.size}", lambda: pretrain.run(pre, ws),
+        Step("pretrain", f"prefcli pretrain --size {cfg.size}", "pretrain",
+             dict(size=cfg.size, max_steps=20 if fast else None, eval_every=0 if fast else 100, **common),
              lambda r: f"val loss {r['val_loss']} (unigram {r['unigram_loss']}), {r['parameters']:,} parameters"),
-        Step("sft", "prefcli align --method sft",
-             lambda: sft.run(sft.SFTConfig(max_steps=10 if fast else None, **common), ws),
+        Step("sft", "prefcli align --method sft", "align", dict(method="sft", max_steps=10 if fast else None, **common),
              lambda r: f"held-out loss {r['val_loss']}"),
-        Step("reward", f"prefcli reward train --max-steps {QUICKSTART_REWARD_STEPS}",
-             lambda: reward.run(reward.RewardConfig(max_steps=10 if fast else QUICKSTART_REWARD_STEPS, **common), ws),
+        Step("reward", f"prefcli reward train --max-steps {QUICKSTART_REWARD_STEPS}", "reward train",
+             dict(max_steps=10 if fast else QUICKSTART_REWARD_STEPS, **common),
              lambda r: f"held-out accuracy {r.get('heldout_accuracy')}"),
     ]
     for method in cfg.methods:
         if method == "dpo":
-            dpo = PreferenceConfig(method="dpo", rpo_alpha=1.0, max_steps=5 if fast else None, **common)
-            steps.append(Step("dpo", "prefcli align --method dpo --rpo-alpha 1", lambda c=dpo: preference.run(c, ws),
+            steps.append(Step("dpo", "prefcli align --method dpo --rpo-alpha 1", "align",
+                              dict(method="dpo", rpo_alpha=1.0, max_steps=5 if fast else None, **common),
                               lambda r: f"held-out pair accuracy {r['heldout_accuracy']}"))
         else:
-            options = dict(method=method, reward_model=["rm"], max_steps=3 if fast else QUICKSTART_RL_STEPS,
-                           batch_size=QUICKSTART_RL_BATCH, **common)
             steps.append(Step(method, f"prefcli align --method {method} --reward-model rm "
-                                      f"--max-steps {QUICKSTART_RL_STEPS} --batch-size {QUICKSTART_RL_BATCH}",
-                              lambda o=options, m=method: align.run(m, o, None, ws),
+                                      f"--max-steps {QUICKSTART_RL_STEPS} --batch-size {QUICKSTART_RL_BATCH}", "align",
+                              dict(method=method, reward_model=["rm"], max_steps=3 if fast else QUICKSTART_RL_STEPS,
+                                   batch_size=QUICKSTART_RL_BATCH, **common),
                               lambda r: f"mean reward {r.get('reward_first')} -> {r.get('reward')}, KL {r.get('kl')}"))
     return steps
 
 
-def run(cfg: QuickstartConfig, ws: Workspace, console) -> dict:
-    from prefcli.stages.align import METHODS
-    from prefcli.artifacts import load_model_artifact
-    from prefcli.stages.evaluate import compare
+EVAL_NAME = "quickstart"  # evals/quickstart.json: the closing comparison
 
+
+def run(cfg: QuickstartConfig, ws: Workspace, console=None) -> dict:
+    from rich.console import Console
+
+    from prefcli.config import to_dict
+    from prefcli.artifacts import load_model_artifact
+    from prefcli.measure import compare
+    from prefcli.stages.evaluate import write_eval
+
+    console = console or Console(stderr=True)
     unknown = [m for m in cfg.methods if m not in METHODS or m == "sft"]
     if unknown:
-        raise PrefcliError(f"--methods: {', '.join(unknown)} cannot be used here", f"choose from {', '.join(m for m in METHODS if m != 'sft')}")
+        raise PrefcliError(f"--method: {', '.join(unknown)} cannot be used here", f"choose from {', '.join(m for m in METHODS if m != 'sft')}")
     targets = [("tokenizers", "default"), ("datasets", "corpus"), ("models", "base"), ("models", "sft"), ("models", "rm")]
     targets += [("models", m) for m in cfg.methods] + [("models", "ppo-value")] * ("ppo" in cfg.methods)
+    targets += [("evals", EVAL_NAME)]
     if not cfg.overwrite:
         taken = [f"{k}/{n}" for k, n in targets if ws.exists(k, n)]
         if taken:
@@ -95,13 +109,13 @@ def run(cfg: QuickstartConfig, ws: Workspace, console) -> dict:
                                "pass --overwrite to rebuild them, or --workspace NEW_DIR")
     ws.check_root_writable()
     t_start = time.time()
-    steps = _steps(cfg, ws)
+    steps = _steps(cfg)
     total = len(steps) + 1
     report = []
     for i, step in enumerate(steps, 1):
         console.rule(f"[bold]{i}/{total}  {step.name}[/bold]  ({step.command})")
         t0 = time.time()
-        result = step.run()
+        result = step.run(ws)
         report.append({"stage": step.name, "command": step.command, "seconds": round(time.time() - t0, 1),
                        "metric": step.metric(result), "result": result})
 
@@ -112,8 +126,11 @@ def run(cfg: QuickstartConfig, ws: Workspace, console) -> dict:
     limit = 30 if cfg.fast else cfg.eval_prompts
     comparison = compare({m: models[m] for m in cfg.methods}, models["sft"], reference_name="sft", judge_model=judge,
                          limit=limit, seed=cfg.seed)
-    comparison.pop("samples", None)
+    samples = comparison.pop("samples", None)
+    good = {f"good/{m}": (s.get("gold") or {}).get("good", {}).get("rate") for m, s in comparison["models"].items()}
+    write_eval(ws, EVAL_NAME, "compare", to_dict(cfg), [lm.parent() for lm in models.values()] + [judge.parent()],
+               good, {**comparison, "samples": samples}, overwrite=cfg.overwrite)
     report.append({"stage": "eval", "command": "prefcli eval compare", "seconds": round(time.time() - t0, 1),
                    "metric": f"{limit} held-out prompts at temperature 1.0", "result": {}})
     return {"workspace": str(ws.root), "seconds": round(time.time() - t_start, 1), "stages": report,
-            "comparison": comparison}
+            "comparison": comparison, "eval": str(ws.path("evals", EVAL_NAME))}

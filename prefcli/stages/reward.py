@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,8 @@ from prefcli.data.examples import Pair, encode_completion, pad_batch, pair_from_
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.inference import RewardScorer, SequenceScores, encoded_scores, last_token_scores, length_groups
+from prefcli.config import option
+from prefcli.model import Transformer
 from prefcli.objectives.reward import bradley_terry_loss
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
@@ -31,11 +33,12 @@ from prefcli.workspace import Workspace
 
 @dataclass
 class RewardConfig(TrainingOptions):
-    data: list[str] = field(default_factory=list)  # empty: the built-in demo pairs
-    base: str | None = None  # default: sft if it exists, else base
-    out: str = "rm"
-    center_rewards: float = 0.0
-    val_fraction: float = 0.05
+    data: list[str] = option(factory=list, default_text="the built-in demo pairs",  # empty: the built-in demo pairs
+                             help="Preference pairs (prompt/chosen/rejected[/margin], strings or message lists; .jsonl/.json/.parquet); repeatable.")
+    base: str | None = option(None, "Backbone.", default_text="sft if it exists, else base")
+    out: str = option("rm", "Name of the reward model.")
+    center_rewards: float = option(0.0, "Coefficient of the reward-centering term mean((r_c + r_r)^2).", ge=0)
+    val_fraction: float = option(0.05, "Share of pairs held out for validation.", ge=0, lt=1)
     lr: float = 5e-4
 
 
@@ -140,13 +143,15 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
 # ---------------------------------------------------------------- scoring
 @dataclass
 class ScoreConfig:
-    model: str = "rm"
-    prompt: str | None = None
-    response: str | None = None
-    input: str | None = None  # JSONL/JSON/parquet rows: prompt + response, or prompt + chosen + rejected
-    output: str | None = None  # JSONL with scores (default: stdout)
-    batch_size: int = 32
-    device: str = "cpu"
+    model: str = option("rm", "Reward model.")
+    prompt: str | None = option(None, "The prompt of one reply to score.", default_text="none")
+    response: str | None = option(None, "The reply to score.", default_text="none")
+    input: str | None = option(None, "Rows of prompt+response, or prompt+chosen+rejected (.jsonl/.json/.parquet).", short="-i",
+                               default_text="none")  # JSONL/JSON/parquet rows: prompt + response, or prompt + chosen + rejected
+    output: str | None = option(None, "Write the rows with their scores here as JSONL.", short="-o",
+                                default_text="stdout")  # JSONL with scores (default: stdout)
+    batch_size: int = option(32, "Replies scored per forward pass.", ge=1)
+    device: str = option("cpu", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
 
 
 def score(cfg: ScoreConfig, ws: Workspace) -> dict:

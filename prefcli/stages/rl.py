@@ -29,6 +29,7 @@ are `prefcli.rollouts`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -41,6 +42,9 @@ from prefcli import distributed as dist
 from prefcli.config import to_dict
 from prefcli.artifacts import load_model_artifact, note, prepare_run, save_model_artifact
 from prefcli.data import sources
+from prefcli.config import option
+from prefcli.data.examples import prompt_from_row
+from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.objectives import rl
 from prefcli.objectives.lm import token_logprobs
@@ -64,104 +68,128 @@ METHOD_DEFAULTS = {
 PPO_ONLY = ("value_model", "vf_coef", "value_clip", "gamma", "lam", "whiten_rewards")
 
 
-@dataclass
-class RLConfig:
-    method: str = "grpo"
-    policy: str = "sft"
-    reference: str | None = None  # default: the policy's starting weights
-    out: str | None = None
-    # Rewards (summed with weights); nothing given: the reward model "rm" of the workspace.
-    reward_model: list[str] = field(default_factory=list)
-    reward_fn: list[str] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=list)  # default: the built-in RL prompts
-    num_prompts: int | None = None
-    num_generations: int | None = None  # samples per prompt (grpo/rloo groups)
-    temperature: float = 1.0
-    max_tokens: int = 64
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a reply cut at max_tokens
-    kl_coef: float | None = None  # 0: no reference model at all
-    kl_target: float | None = None  # adaptive coefficient steering the KL per reply (nats) here
-    kl_horizon: float = 10000.0
-    clip_range: float = 0.2
-    ppo_epochs: int | None = None  # optimizer steps per batch of rollouts (grpo: mu)
-    loss_norm: str = "sequence"  # grpo: sequence | token | dr_grpo
-    scale_rewards: bool = True  # grpo: divide by the group's std
-    # PPO only
-    value_model: str | None = None  # default: the first --reward-model, else the policy + fresh head
-    vf_coef: float | None = None
-    value_clip: float | None = None
-    gamma: float | None = None
-    lam: float | None = None
-    whiten_rewards: bool | None = None
-    # Training
-    max_steps: int | None = None
-    epochs: float | None = None  # passes over the prompts
-    batch_size: int | None = None  # replies per micro-batch per process (num_generations per prompt)
-    grad_accum: int = 1
-    lr: float | None = None
-    warmup: int = 0
-    weight_decay: float = 0.0
-    save_every: int = 20
-    resume: bool = False
-    compile: bool = False
-    seed: int = 0
-    device: str = "auto"
-    overwrite: bool = False
-
-
 PPO_DEFAULTS = dict(vf_coef=0.1, value_clip=0.2, gamma=1.0, lam=0.95, whiten_rewards=False)
 
 
-def resolve(cfg: RLConfig) -> RLConfig:
-    """The config with every method default filled in, checked; errors name the option."""
-    if cfg.method not in RL_METHODS:
-        raise PrefcliError(f"--method {cfg.method}: not an online RL method", f"choose one of {', '.join(RL_METHODS)}")
-    for name, value in METHOD_DEFAULTS[cfg.method].items():
-        if getattr(cfg, name) is None and not (name == "max_steps" and cfg.epochs is not None):
-            setattr(cfg, name, value)
-    if cfg.method == "ppo":
-        for name, value in PPO_DEFAULTS.items():
-            if getattr(cfg, name) is None:
+def _per_method(name: str) -> str:
+    """--help's default of an option each method fills in."""
+    values = {m: d[name] for m, d in METHOD_DEFAULTS.items() if name in d}
+    if len(set(values.values())) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{m} {v}" for m, v in values.items())
+
+
+_PPO = "ppo: "
+
+
+@dataclass
+class RLConfig:
+    method: str = "grpo"
+    policy: str = option("sft", "Model to start from.")
+    reference: str | None = option(None, "Reference model.", default_text="the policy's starting weights")
+    out: str | None = option(None, "Name of the model to write.", default_text="the method's name")
+    # Rewards (summed with weights); nothing given: the reward model "rm" of the workspace.
+    reward_model: list[str] = option(factory=list, default_text="rm when no --reward-fn",
+                                     help="Reward model scoring the samples (NAME or NAME=WEIGHT; repeatable).")
+    reward_fn: list[str] = option(factory=list, default_text="none",
+                                  help="Reward function: demo (the gold judge) or MODULE:FUNCTION, optionally =WEIGHT; repeatable.")
+    prompts: list[str] = option(factory=list, default_text="the built-in RL prompts",  # default: the built-in RL prompts
+                                help="Prompt rows (prompt or messages) to sample from; repeatable.")
+    num_prompts: int | None = option(None, "Use only the first N prompts.", ge=1, default_text="all")
+    num_generations: int | None = option(None, "Samples per prompt.", ge=1, default_text=_per_method("num_generations"))  # grpo/rloo groups
+    temperature: float = option(1.0, "Sampling temperature for on-policy samples.", ge=0)
+    max_tokens: int = option(64, "Longest sampled reply in tokens.", ge=1)
+    missing_eos_penalty: float = option(1.0, "Subtracted from the score of a reply cut at --max-tokens.", ge=0)
+    kl_coef: float | None = option(None, "KL coefficient to the reference; 0 keeps no reference.", ge=0,
+                                   default_text=_per_method("kl_coef"))  # 0: no reference model at all
+    kl_target: float | None = option(None, "Adapt the KL coefficient so the KL per reply (nats) approaches this.", gt=0,
+                                     default_text="off")  # adaptive coefficient steering the KL per reply (nats) here
+    kl_horizon: float = option(10000.0, gt=0)
+    clip_range: float = option(0.2, "ppo/grpo: clip the probability ratio to 1 +- this.", gt=0)
+    ppo_epochs: int | None = option(None, "ppo/grpo: optimizer steps on each batch of rollouts.", ge=1,
+                                    default_text=_per_method("ppo_epochs"))  # optimizer steps per batch of rollouts (grpo: mu)
+    loss_norm: str = option("sequence", choices=("sequence", "token", "dr_grpo"))  # grpo: sequence | token | dr_grpo
+    scale_rewards: bool = True  # grpo: divide by the group's std
+    # PPO only
+    value_model: str | None = option(None, _PPO + "where the value model starts.",
+                                     default_text="the first --reward-model, else the policy with a fresh head")
+    vf_coef: float | None = option(None, _PPO + "weight of the value loss.", ge=0, default_text=str(PPO_DEFAULTS["vf_coef"]))
+    value_clip: float | None = option(None, gt=0)
+    gamma: float | None = option(None, ge=0, le=1)
+    lam: float | None = option(None, ge=0, le=1)
+    whiten_rewards: bool | None = option(None, _PPO + "scale per-token rewards by their std before GAE.", default_text="off")
+    # Training
+    max_steps: int | None = option(None, "Optimizer steps to train.", ge=1, default_text=_per_method("max_steps"))
+    epochs: float | None = option(None, "Passes over the prompts (when --max-steps is not given).", gt=0, default_text="off")
+    batch_size: int | None = option(None, "Replies per micro-batch per process (num-generations per prompt).", ge=1,
+                                    default_text=_per_method("batch_size"))
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", ge=1)
+    lr: float | None = option(None, "Peak learning rate (warmup, then cosine decay).", gt=0, default_text=_per_method("lr"))
+    warmup: int = option(0, "Warmup steps.", ge=0)
+    weight_decay: float = option(0.0, ge=0)
+    save_every: int = option(20, "Checkpoint every N steps (and at the end); 0: only at the end.", ge=0)
+    resume: bool = option(False, "Continue the run runs/<out> from its last checkpoint.")
+    compile: bool = option(False, "torch.compile the model.")
+    seed: int = option(0, "Random seed.")
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
+    overwrite: bool = option(False, "Replace an existing artifact of the same name.")
+
+    def resolved(self) -> "RLConfig":
+        """A copy with every method default filled in, checked (errors name the option). Nothing given
+        as a reward means the workspace's "rm"; steps and checkpoints fall on whole batches of rollouts."""
+        cfg = dataclasses.replace(self, reward_model=list(self.reward_model) or ([] if self.reward_fn else ["rm"]))
+        if cfg.method not in RL_METHODS:
+            raise PrefcliError(f"--method {cfg.method}: not an online RL method", f"choose one of {', '.join(RL_METHODS)}")
+        for name, value in METHOD_DEFAULTS[cfg.method].items():
+            if getattr(cfg, name) is None and not (name == "max_steps" and cfg.epochs is not None):
                 setattr(cfg, name, value)
-    else:
-        given = [n for n in PPO_ONLY if getattr(cfg, n) is not None]
-        if given:
-            raise PrefcliError(f"--{given[0].replace('_', '-')}: does not apply to --method {cfg.method}", "it is a PPO option")
-    n, min_n = cfg.num_generations, 1 if cfg.method == "ppo" else 2
-    if n < min_n:
-        raise PrefcliError(f"--num-generations {n}: {cfg.method} needs at least {min_n} samples per prompt",
-                           "its advantages compare samples of the same prompt" if min_n > 1 else None)
-    if cfg.batch_size < 1 or cfg.batch_size % n:
-        raise PrefcliError(f"--batch-size {cfg.batch_size}: must be a positive multiple of --num-generations {n}",
-                           "every prompt's samples share one micro-batch")
-    if cfg.kl_coef < 0:
-        raise PrefcliError(f"--kl-coef {cfg.kl_coef}: must be >= 0")
-    if cfg.kl_target is not None and (cfg.kl_target <= 0 or cfg.kl_coef == 0):
-        raise PrefcliError(f"--kl-target {cfg.kl_target}: needs a target > 0 and a starting --kl-coef > 0")
-    if cfg.ppo_epochs < 1 or (cfg.method == "rloo" and cfg.ppo_epochs != 1):
-        raise PrefcliError(f"--ppo-epochs {cfg.ppo_epochs}: " + ("rloo is on-policy REINFORCE: use 1" if cfg.method == "rloo" else "must be at least 1"))
-    if cfg.temperature <= 0:
-        raise PrefcliError(f"--temperature {cfg.temperature}: online RL samples, it needs a temperature > 0", "use 1.0")
-    if cfg.max_tokens < 1:
-        raise PrefcliError(f"--max-tokens {cfg.max_tokens}: must be at least 1")
-    if cfg.missing_eos_penalty < 0:
-        raise PrefcliError(f"--missing-eos-penalty {cfg.missing_eos_penalty}: must be >= 0 (it is subtracted)")
-    if cfg.clip_range <= 0:
-        raise PrefcliError(f"--clip-range {cfg.clip_range}: must be > 0")
-    if cfg.loss_norm not in ("sequence", "token", "dr_grpo"):
-        raise PrefcliError(f"loss_norm {cfg.loss_norm!r}: use sequence, token or dr_grpo")
-    if cfg.reference and cfg.kl_coef == 0:
-        raise PrefcliError("--reference: unused with --kl-coef 0", "leave --reference out, or give a KL coefficient")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise PrefcliError(f"--max-steps {cfg.max_steps}: must be at least 1")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        raise PrefcliError(f"--epochs {cfg.epochs}: must be > 0")
-    # One batch of rollouts serves ppo_epochs steps: steps and checkpoints fall on whole batches.
-    k = cfg.ppo_epochs
-    if cfg.max_steps is not None:
-        cfg.max_steps = k * math.ceil(cfg.max_steps / k)
-    cfg.save_every = k * math.ceil(cfg.save_every / k)
-    return cfg
+        if cfg.method == "ppo":
+            for name, value in PPO_DEFAULTS.items():
+                if getattr(cfg, name) is None:
+                    setattr(cfg, name, value)
+        else:
+            given = [n for n in PPO_ONLY if getattr(cfg, n) is not None]
+            if given:
+                raise PrefcliError(f"--{given[0].replace('_', '-')}: does not apply to --method {cfg.method}", "it is a PPO option")
+        n, min_n = cfg.num_generations, 1 if cfg.method == "ppo" else 2
+        if n < min_n:
+            raise PrefcliError(f"--num-generations {n}: {cfg.method} needs at least {min_n} samples per prompt",
+                               "its advantages compare samples of the same prompt" if min_n > 1 else None)
+        if cfg.batch_size < 1 or cfg.batch_size % n:
+            raise PrefcliError(f"--batch-size {cfg.batch_size}: must be a positive multiple of --num-generations {n}",
+                               "every prompt's samples share one micro-batch")
+        if cfg.kl_coef < 0:
+            raise PrefcliError(f"--kl-coef {cfg.kl_coef}: must be >= 0")
+        if cfg.kl_target is not None and (cfg.kl_target <= 0 or cfg.kl_coef == 0):
+            raise PrefcliError(f"--kl-target {cfg.kl_target}: needs a target > 0 and a starting --kl-coef > 0")
+        if cfg.ppo_epochs < 1 or (cfg.method == "rloo" and cfg.ppo_epochs != 1):
+            raise PrefcliError(f"--ppo-epochs {cfg.ppo_epochs}: " + ("rloo is on-policy REINFORCE: use 1" if cfg.method == "rloo" else "must be at least 1"))
+        if cfg.temperature <= 0:
+            raise PrefcliError(f"--temperature {cfg.temperature}: online RL samples, it needs a temperature > 0", "use 1.0")
+        if cfg.max_tokens < 1:
+            raise PrefcliError(f"--max-tokens {cfg.max_tokens}: must be at least 1")
+        if cfg.missing_eos_penalty < 0:
+            raise PrefcliError(f"--missing-eos-penalty {cfg.missing_eos_penalty}: must be >= 0 (it is subtracted)")
+        if cfg.clip_range <= 0:
+            raise PrefcliError(f"--clip-range {cfg.clip_range}: must be > 0")
+        if cfg.loss_norm not in ("sequence", "token", "dr_grpo"):
+            raise PrefcliError(f"loss_norm {cfg.loss_norm!r}: use sequence, token or dr_grpo")
+        if cfg.reference and cfg.kl_coef == 0:
+            raise PrefcliError("--reference: unused with --kl-coef 0", "leave --reference out, or give a KL coefficient")
+        if cfg.max_steps is not None and cfg.max_steps < 1:
+            raise PrefcliError(f"--max-steps {cfg.max_steps}: must be at least 1")
+        if cfg.epochs is not None and cfg.epochs <= 0:
+            raise PrefcliError(f"--epochs {cfg.epochs}: must be > 0")
+        k = cfg.ppo_epochs
+        if cfg.max_steps is not None:
+            cfg.max_steps = k * math.ceil(cfg.max_steps / k)
+        cfg.save_every = k * math.ceil(cfg.save_every / k)
+        return cfg
+
+
+def resolve(cfg: RLConfig) -> RLConfig:
+    """RLConfig.resolved(), the reward left as given (run() reports a missing "rm" itself)."""
+    return dataclasses.replace(cfg.resolved(), reward_model=list(cfg.reward_model))
 
 
 # ---------------------------------------------------------------- losses

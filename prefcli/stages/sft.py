@@ -8,13 +8,14 @@ full rows (attention never crosses examples), train, save models/sft.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
 from prefcli.data import sources
 from prefcli.data.examples import Encoded, encode_chat, pack_rows, pad_batch
 from prefcli.errors import PrefcliError
+from prefcli.config import option
 from prefcli.objectives.lm import lm_loss
 from prefcli.artifacts import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
 from prefcli.trainer import Trainer, unwrap
@@ -23,12 +24,13 @@ from prefcli.workspace import Workspace
 
 @dataclass
 class SFTConfig(TrainingOptions):
-    data: list[str] = field(default_factory=list)  # empty: the built-in demo chats
-    policy: str = "base"
-    out: str = "sft"
-    train_on_prompt: bool = False
-    pack: bool = True
-    val_fraction: float = 0.05
+    data: list[str] = option(factory=list, default_text="the method's built-in demo data",  # empty: the demo chats
+                             help="Training data files, folders or globs; repeatable.")
+    policy: str = option("base", "Model to start from.")
+    out: str = option("sft", "Name of the model to write.", default_text="the method's name")
+    train_on_prompt: bool = option(False, "Put the loss on every token, not only the assistant's.")
+    pack: bool = option(True, "Pack examples into full rows (--no-pack: pad each example instead).")
+    val_fraction: float = option(0.05, "Share of the data held out for validation.", ge=0, lt=1)
 
 
 DEFAULT_STEPS = 150  # ~1.6 passes over the 3,000 demo chats at batch 32

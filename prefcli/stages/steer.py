@@ -19,7 +19,7 @@ Labels come from (all in [0, 1]):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +29,7 @@ from prefcli.data.sources import demo_conversations, demo_input, demo_pairs, fil
 from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pad_batch, prompt_text
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
+from prefcli.config import option
 from prefcli.objectives.lm import lm_loss
 from prefcli.artifacts import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
 from prefcli.steer import SteeredLM, Steering
@@ -38,11 +39,13 @@ from prefcli.workspace import Workspace
 
 @dataclass
 class SteerConfig(TrainingOptions):
-    data: list[str] = field(default_factory=list)  # empty: demo chats + demo pairs, labelled by the gold judge
-    attribute: list[str] = field(default_factory=list)  # NAME=REWARD_MODEL: labels from reward models
-    policy: str = "sft"
-    out: str = "steer"
-    val_fraction: float = 0.05
+    data: list[str] = option(factory=list, default_text="the method's built-in demo data",  # empty: demo chats + demo pairs, labelled by the gold judge
+                             help="Training data files, folders or globs; repeatable.")
+    attribute: list[str] = option(factory=list, default_text="none",  # NAME=REWARD_MODEL: labels from reward models
+                                  help="NAME=REWARD_MODEL labels each reply's attribute NAME with its reward's rank (repeatable).")
+    policy: str = option("sft", "Model to start from.")
+    out: str = option("steer", "Name of the model to write.", default_text="the method's name")
+    val_fraction: float = option(0.05, "Share of the data held out for validation.", ge=0, lt=1)
 
 
 DEFAULT_STEPS = 300  # ~1.4 passes over the 7,000 labelled demo replies at batch 32

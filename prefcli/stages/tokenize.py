@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from prefcli.config import to_dict
+from prefcli.config import option
 from prefcli.data.readers import expand_inputs, iter_documents
 from prefcli.data.tokens import TokenWriter, id_dtype
 from prefcli.errors import PrefcliError
@@ -27,16 +28,17 @@ ENCODE_BATCH = 1024  # documents per encode_batch call: large enough to keep eve
 
 @dataclass
 class TokenizeConfig:
-    input: list[str] = field(default_factory=list)  # empty: the built-in demo corpus
-    text_field: str = "text"
-    vocab_size: int = 2048
-    min_frequency: int = 2
-    val_fraction: float = 0.05
-    name: str = "default"
-    dataset: str = "corpus"
-    tokenizer: str | None = None  # reuse this tokenizer instead of training one
-    seed: int = 0
-    overwrite: bool = False
+    input: list[str] = option(factory=list, short="-i", default_text="the built-in demo corpus",  # empty: the demo corpus
+                              help="Text files, folders or globs (.txt split at blank lines; .jsonl/.json/.parquet rows); repeatable.")
+    text_field: str = option("text", "Field holding the text in .jsonl/.json/.parquet rows.")
+    vocab_size: int = option(2048, "Vocabulary size, special tokens included.")
+    min_frequency: int = option(2, "Minimum count for a merge.", ge=1)
+    val_fraction: float = option(0.05, "Share of documents held out for validation.", ge=0, lt=1)
+    name: str = option("default", "Tokenizer artifact name.")
+    dataset: str = option("corpus", "Dataset artifact name.")
+    tokenizer: str | None = option(None, "Reuse this tokenizer instead of training one.", default_text="train one")
+    seed: int = option(0, "Random seed.")
+    overwrite: bool = option(False, "Replace an existing artifact of the same name.")
 
 
 def _document_source(cfg: TokenizeConfig) -> tuple[Callable[[], Iterator[str]], int | None, list[dict]]:
