@@ -113,9 +113,9 @@ def run(cfg: TokenizeConfig, ws: Workspace) -> dict:
             save_tokenizer(hf_tok, tok_art.path)
             tok_art.meta["metrics"] = {"vocab_size": vocab}
             tok_json = tok_art.path / "tokenizer.json"
-            tok_parent = {"kind": "tokenizers", "name": cfg.name, "path": str((ws.folder("tokenizers") / cfg.name).resolve())}
+            tok_parent = {"kind": "tokenizers", "name": cfg.name, "path": f"tokenizers/{cfg.name}"}  # relative to the root
         else:
-            tok_json = Path(tok_parent["path"]) / "tokenizer.json"
+            tok_json = tok_path / "tokenizer.json"
         ds = stack.enter_context(ws.create("datasets", cfg.dataset, stage="tokenize", config=config,
                                            parents=[tok_parent, *inputs], overwrite=cfg.overwrite))
         counts = _encode(documents, hf_tok, eos, dtype, ds.path, cfg, total_bytes)
