@@ -52,6 +52,19 @@ def check_name(name: str, option: str = "--out") -> str:
     return name
 
 
+def check_output_file(path: str | Path | None, option: str) -> None:
+    """Fail before any work when an output file cannot be written where it is asked for."""
+    if path is None:
+        return
+    folder = Path(path).expanduser().absolute().parent
+    if not folder.is_dir():
+        raise PrefcliError(f"{option} {path}: folder {folder} does not exist", "create the folder first, or write elsewhere")
+    if Path(path).is_dir():
+        raise PrefcliError(f"{option} {path}: is a folder", "give the path of a file")
+    if not os.access(folder, os.W_OK):
+        raise PrefcliError(f"{option} {path}: folder {folder} cannot be written (permission denied)", "write elsewhere")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -269,7 +282,15 @@ class Workspace:
         if key in _CLAIMS:
             return
         created = self._prepare_root()
-        held = _acquire(_lock_path(self.root, kind, name), kind, name)
+        try:
+            held = _acquire(_lock_path(self.root, kind, name), kind, name)
+        except BaseException:
+            for d in reversed(created):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            with contextlib.suppress(OSError):
+                (self.root / _TMP).rmdir()
+            raise
         _CLAIMS[key] = Claim(self.root, kind, name, held, created)
 
     def begin_run(self, name: str, *, resume: bool, overwrite: bool, config: dict | None = None) -> Path:

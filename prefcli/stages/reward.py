@@ -27,7 +27,7 @@ from prefcli.stages.common import (TrainingOptions, in_length_groups, length_gro
 from prefcli.stages.sft import split_val
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
-from prefcli.workspace import Workspace
+from prefcli.workspace import Workspace, check_output_file
 
 
 @dataclass
@@ -121,7 +121,7 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
 
         heldout, _ = encode_pairs(tok, [pair_from_row(r) for r in demo.preference_pairs("heldout")], context)
     tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
-    run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
     pad = tok.pad_id
 
     def batches(step: int, micro: int) -> dict:
@@ -203,6 +203,7 @@ def score(cfg: ScoreConfig, ws: Workspace) -> dict:
         raise PrefcliError("reward score needs --prompt with --response, or --input FILE", "give one of the two")
     if cfg.prompt is not None and cfg.response is None:
         raise PrefcliError("--prompt needs --response", "pass the reply to score with --response")
+    check_output_file(cfg.output, "-o/--output")
     scorer = RewardScorer(ws, cfg.model, "--model", cfg.device)
     if cfg.prompt is not None:
         s = scorer([[{"role": "user", "content": cfg.prompt}]], [cfg.response])[0]

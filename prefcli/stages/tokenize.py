@@ -61,6 +61,7 @@ def _check(cfg: TokenizeConfig, ws: Workspace) -> None:
     if cfg.tokenizer is None:
         ws.check_writable("tokenizers", cfg.name, cfg.overwrite, "--name")
     ws.check_writable("datasets", cfg.dataset, cfg.overwrite, "--dataset")
+    ws.claim("datasets", cfg.dataset)  # held until the command ends: a second writer is refused now, not at the end
 
 
 def run(cfg: TokenizeConfig, ws: Workspace) -> dict:
