@@ -524,3 +524,99 @@ def test_the_table_covers_every_command_with_100_cases():
     for command in ("tokenize", "pretrain", "align sft", "align dpo", "align rloo", "align grpo", "reward train",
                     "reward score", "chat", "eval perplexity", "eval reward", "eval compare", "ls", "pipeline run"):
         assert by_command.get(command), command
+
+
+# ---------------------------------------------------------------- the defects, one test each beyond the table
+
+
+@pytest.fixture
+def ws(base, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(base["ws"], ws, symlinks=True)
+    return ws
+
+
+def _meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
+def test_overwrite_swaps_in_the_new_run_and_model_only_when_complete(cli, ws):
+    old_run = json.loads((ws / "runs/p/run.json").read_text())["run_id"]
+    r = cli("-w", ws, *PRE.split(), "--out", "p", "--overwrite", "--max-steps", "3", "--save-every", "3")
+    assert r.code == 0, r.stderr
+    new_run = json.loads((ws / "runs/p/run.json").read_text())["run_id"]
+    assert new_run != old_run and _meta(ws / "models/p")["run_id"] == new_run
+    assert [c.name for c in sorted((ws / "runs/p/checkpoints").iterdir())] == ["step-000003"]
+    assert not (ws / "runs/.p.new").exists() and not (ws / ".tmp").exists() and not (ws / ".locks").exists()
+
+
+def test_resume_may_change_only_the_listed_options_and_keeps_its_model(cli, ws):
+    r = cli("-w", ws, *PRE.split(), "--out", "p", "--resume", "--max-steps", "3", "--save-every", "1", "--eval-every", "2",
+            "--device", "cpu", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["steps"] == 3
+    assert _meta(ws / "models/p")["run_id"] == json.loads((ws / "runs/p/run.json").read_text())["run_id"]
+    r = cli("-w", ws, *PRE.split(), "--out", "p", "--resume", "--warmup", "1")
+    assert r.code == 2 and "--warmup 1" in r.stderr and "--max-steps" in r.stderr  # the hint lists what may change
+
+
+def test_damaged_meta_is_shown_by_ls_and_chat_still_works(cli, ws):
+    (ws / "models/base/meta.json").unlink()
+    (ws / "models/rm/meta.json").write_text("[1, 2]")
+    (ws / "datasets/corpus/meta.json").write_bytes(b"\xff\xfe{}")
+    r = cli("-w", ws, "ls", "--json")
+    assert r.code == 0, r.stderr
+    damaged = {f"{row['kind']}/{row['name']}": row["damaged"] for row in r.json()["artifacts"]}
+    assert damaged["models/base"] == damaged["models/rm"] == damaged["datasets/corpus"] == ["meta.json"]
+    assert damaged["models/p"] == [] and damaged["tokenizers/default"] == []
+    r = cli("-w", ws, "ls")
+    assert r.code == 0 and r.stderr.count(" damaged ") == 3, r.stderr
+    r = cli("-w", ws, "chat", "--prompt", "hi", "--max-tokens", "2", "--device", "cpu")  # picks an undamaged chat model
+    assert r.code == 0, r.stderr
+
+
+def test_moved_and_copied_workspaces_read_only_their_own_files(cli, ws, tmp_path):
+    moved = tmp_path / "moved"
+    ws.rename(moved)
+    r = cli("-w", moved, *PRE.split(), "--out", "q")
+    assert r.code == 0, r.stderr
+    parents = {p["kind"]: p for p in _meta(moved / "models/q")["parents"]}
+    assert parents["tokenizers"]["path"] == "tokenizers/default" and len(parents["tokenizers"]["sha256"]) == 64
+    # A copy keeps working when the original goes away: it never reads the original's files.
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(moved), str(copy)], check=True)
+    shutil.rmtree(moved / "tokenizers")
+    r = cli("-w", copy, *PRE.split(), "--out", "q2")
+    assert r.code == 0, r.stderr
+    # Old lineage held absolute paths: one into another workspace is read from this one.
+    meta = _meta(copy / "datasets/corpus")
+    for p in meta["parents"]:
+        if p.get("kind") == "tokenizers":
+            p["path"] = str(moved / "tokenizers/default")
+    (copy / "datasets/corpus/meta.json").write_text(json.dumps(meta))
+    r = cli("-w", copy, *PRE.split(), "--out", "q3")
+    assert r.code == 0, r.stderr
+
+
+def test_diverged_training_is_a_runtime_failure_that_leaves_nothing(cli, ws, monkeypatch):
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan")))
+    before = tree_snapshot(ws)
+    r = cli("-w", ws, *PRE.split(), "--out", "q")
+    assert r.code == 1, r.stderr
+    lines = [line for line in r.stderr.splitlines() if not NOISE.match(line)]
+    assert lines == [lines[0]] and lines[0].startswith("error: training diverged: grad_norm is nan at step 1"), r.stderr
+    assert tree_snapshot(ws) == before
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_written(cli, ws, monkeypatch):
+    from prefcli.trainer import Trainer
+
+    def interrupted(self, step):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_step", interrupted)
+    before = tree_snapshot(ws)
+    r = cli("-w", ws, *PRE.split(), "--out", "q")
+    assert r.code == 130
+    assert r.stderr.strip().splitlines()[-1] == "interrupted at step 0, before the first checkpoint; nothing was written"
+    assert tree_snapshot(ws) == before
