@@ -13,9 +13,10 @@ import torch
 
 from prefcli import distributed as dist
 from prefcli.errors import PrefcliError
-from prefcli.model import Transformer, load_model, save_model
+from prefcli.model import Transformer, save_model
+from prefcli.model_files import load_model_folder
 from prefcli.tokenizer import Tokenizer, copy_tokenizer_files
-from prefcli.trainer import TrainConfig, list_checkpoints, steps_for_epochs
+from prefcli.trainer import TrainConfig, steps_for_epochs
 from prefcli.workspace import Workspace, parent_ref, read_meta, sha256_file
 
 
@@ -59,15 +60,8 @@ def load_model_artifact(ws: Workspace, ref: str, option: str, *, kind: str | Non
     path = ws.resolve("models", ref, option)
     if not (path / "tokenizer.json").is_file():
         raise PrefcliError(f"{option}: {path} has no tokenizer.json", "a model folder must carry its tokenizer files")
-    tok, model = load_checked(path, option, device=device, kind=kind, score_head=score_head)
+    tok, model = load_model_folder(path, option, device=device, kind=kind, score_head=score_head)  # one line if broken
     return Loaded(model, tok, path, read_meta(path))
-
-
-def load_checked(path: Path, option: str, **kwargs) -> tuple[Tokenizer, Transformer]:
-    """Tokenizer and model of a folder; a folder that cannot be loaded is one clear error."""
-    from prefcli.model_files import load_model_folder
-
-    return load_model_folder(path, option, **kwargs)
 
 
 def note(message: str) -> None:
