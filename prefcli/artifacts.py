@@ -6,7 +6,6 @@ objective, hand both to the Trainer, save the artifact.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +14,10 @@ import torch
 from prefcli import distributed as dist
 from prefcli.config import option
 from prefcli.errors import PrefcliError
-from prefcli.model import Transformer, load_model, save_model
+from prefcli.model import Transformer, save_model
+from prefcli.model_files import load_model_folder
 from prefcli.tokenizer import Tokenizer, copy_tokenizer_files
-from prefcli.trainer import TrainConfig, list_checkpoints, steps_for_epochs
+from prefcli.trainer import TrainConfig, steps_for_epochs
 from prefcli.workspace import Workspace, parent_ref, read_meta, sha256_file
 
 
@@ -61,8 +61,7 @@ def load_model_artifact(ws: Workspace, ref: str, option: str, *, kind: str | Non
     path = ws.resolve("models", ref, option)
     if not (path / "tokenizer.json").is_file():
         raise PrefcliError(f"{option}: {path} has no tokenizer.json", "a model folder must carry its tokenizer files")
-    tok = Tokenizer(path)
-    model = load_model(path, device=device, kind=kind, score_head=score_head)
+    tok, model = load_model_folder(path, option, device=device, kind=kind, score_head=score_head)  # one line if broken
     return Loaded(model, tok, path, read_meta(path))
 
 
@@ -82,7 +81,7 @@ def load_token_dataset(ws: Workspace, ref: str, option: str = "--data") -> tuple
     if not (path / "train.safetensors").is_file():
         raise PrefcliError(f"{option}: {path} is not a token dataset (no train.safetensors)", "make one with `prefcli tokenize`")
     tok_ref = next((p for p in meta.get("parents", []) if p.get("kind") == "tokenizers"), None)
-    tok_path = Path(tok_ref["path"]) if tok_ref else None
+    tok_path = ws.parent_path(tok_ref) if tok_ref else None
     if tok_path is None or not (tok_path / "tokenizer.json").is_file():
         raise PrefcliError(f"{option}: the tokenizer of {path} is missing", "re-run `prefcli tokenize`")
     if meta.get("tokenizer_sha256") and sha256_file(tok_path / "tokenizer.json") != meta["tokenizer_sha256"]:
@@ -94,21 +93,19 @@ def generation_config(tok: Tokenizer) -> dict:
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_ids(chat=True), "pad_token_id": tok.pad_id}
 
 
-def prepare_run(ws: Workspace, name: str, *, resume: bool, overwrite: bool) -> Path:
-    """runs/<name>: kept to --resume from; cleared by --overwrite; otherwise an earlier run is an error."""
+def prepare_run(ws: Workspace, name: str, *, resume: bool, overwrite: bool, config: dict | None = None) -> Path:
+    """The run folder to train in, with the name locked for the rest of the command.
+
+    runs/<name> is kept to --resume from (with the options it was started with:
+    `config`); with --overwrite the new run is written beside the old one, which stays
+    until the new model is saved (Workspace.begin_run).
+    """
     ws.check_writable("models", name, overwrite or resume)
-    run_dir = ws.folder("runs") / name
-    if resume:
-        if not list_checkpoints(run_dir):
-            raise PrefcliError(f"--resume: {run_dir} has no checkpoint to resume from", "run without --resume to start a new run")
-    elif run_dir.exists() and dist.is_main():
-        if list_checkpoints(run_dir) and not overwrite:
-            raise PrefcliError(
-                f"{run_dir} holds checkpoints of an earlier run of '{name}'",
-                "pass --resume to continue it, or --overwrite to start again",
-            )
-        shutil.rmtree(run_dir)
+    run_dir = ws.begin_run(name, resume=resume, overwrite=overwrite, config=config) if dist.is_main() else None
     dist.barrier()
+    if run_dir is None:  # other ranks: the folder rank 0 picked
+        temp = ws.folder("runs") / f".{name}.new"
+        run_dir = temp if temp.is_dir() and not resume else ws.folder("runs") / name
     return run_dir
 
 
@@ -153,7 +150,9 @@ def save_model_artifact(ws: Workspace, name: str, model: Transformer, tokenizer_
             extra_files(art.path)
         art.meta["chat"] = chat
         art.meta["metrics"] = metrics
+        art.meta.update(ws.run_record(name))
         art.meta.update(extra_meta or {})
+    ws.finish_run(name)
     return ws.folder("models") / name
 
 

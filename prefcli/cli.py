@@ -363,13 +363,70 @@ def ls(
 
 # ---------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
+    """Run one command. Whatever goes wrong ends in one line on stderr: exit 2 for bad input
+    (PrefcliError), 1 for a runtime failure, 130 for Ctrl-C; names locked for the command
+    are released, and a failed command's new run folder without a checkpoint is removed."""
+    import os
+
+    from prefcli.errors import RuntimeFailure
+    from prefcli.workspace import release_claims
+
+    def fail(message: str, hint: str | None, code: int):
+        line = Text("error: ", style="bold red")
+        line.append(" ".join(message.split()) + (f" (hint: {' '.join(hint.split())})" if hint else ""))
+        console.print(line, highlight=False, soft_wrap=True)
+        sys.exit(code)
+
+    ok = False
     try:
         app(args=argv, prog_name="prefcli")
+        ok = True
+    except SystemExit as e:
+        ok = e.code in (0, None)
+        if e.code == 130:
+            kept = release_claims(False)
+            ok = True  # released already
+            console.print(_interrupted_line(kept), highlight=False, soft_wrap=True)
+        raise
     except PrefcliError as e:
-        line = Text("error: ", style="bold red")
-        line.append(e.message + (f" (hint: {e.hint})" if e.hint else ""))
-        console.print(line, highlight=False, soft_wrap=True)
-        sys.exit(2)
+        fail(e.message, e.hint, e.exit_code)
+    except UnicodeDecodeError as e:  # text read from a pipe or a file not opened by a reader of ours
+        fail(f"input is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})", "send UTF-8 text", 2)
+    except MemoryError:
+        fail("out of memory", "use a smaller --batch-size, --context or model", 1)
+    except OSError as e:
+        import errno
+
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            fail(f"no space left on device{f' writing {e.filename}' if e.filename else ''}",
+                 "free some disk space, then run again (a training run continues with --resume)", 1)
+        fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", None, 1)
+    except Exception as e:
+        if os.environ.get("PREFCLI_DEBUG"):
+            raise
+        fail(f"unexpected {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+             "this is a bug in prefcli; run again with PREFCLI_DEBUG=1 for the traceback", 1)
+    finally:
+        release_claims(ok)
+        if "prefcli.trainer" in sys.modules:
+            sys.modules["prefcli.trainer"].position.clear()
+
+
+def _interrupted_line(kept: list) -> Text:
+    """What Ctrl-C leaves: the step reached and how to continue, or that nothing was written."""
+    trainer = sys.modules.get("prefcli.trainer")
+    step = trainer.position.get("step") if trainer is not None else None
+    line = Text("interrupted", style="bold yellow")
+    if kept:
+        at = f" at step {step}" if step is not None else ""
+        last = sorted(kept[0].glob("checkpoints/step-*"))
+        since = f" (from its checkpoint {last[-1].name})" if last else ""
+        line.append(f"{at}; {kept[0]} is kept: continue with --resume{since}")
+    elif step is not None:
+        line.append(f" at step {step}, before the first checkpoint; nothing was written")
+    else:
+        line.append("; nothing was written")
+    return line
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ the command line; prefcli never evaluates strings from config values.
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from prefcli.data.examples import prompt_text
-from prefcli.errors import PrefcliError
+from prefcli.errors import PrefcliError, RuntimeFailure
 from prefcli.workspace import Workspace
 
 
@@ -68,7 +69,11 @@ def python_source(spec: str, option: str = "--reward-fn") -> Callable:
         raise PrefcliError(f"{option} {spec}: {module_name} has no function {func_name}", "check the name")
 
     def score(prompts: list[list[dict]], replies: list[str]) -> list[float]:
-        out = fn([prompt_text(p) for p in prompts], list(replies))
+        try:
+            out = fn([prompt_text(p) for p in prompts], list(replies))
+        except Exception as e:  # the user's code failed while training or scoring ran: a runtime failure
+            raise RuntimeFailure(f"{option} {spec}: the function raised {type(e).__name__}: {str(e).strip()[:200]}",
+                                 "fix the function; a training run continues from its last checkpoint with --resume") from None
         try:
             values = [float(x) for x in out]
         except (TypeError, ValueError):
@@ -78,6 +83,21 @@ def python_source(spec: str, option: str = "--reward-fn") -> Callable:
         return values
 
     return score
+
+
+def check_scores(values, source: str, prompts: list[list[dict]], replies: list[str]) -> list[float]:
+    """One finite number per reply, or an error naming the source and the offending row."""
+    values = list(values)
+    if len(values) != len(replies):
+        raise PrefcliError(f"reward {source}: returned {len(values)} scores for {len(replies)} replies", "return one float per reply")
+    for i, v in enumerate(values):
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            prompt = prompt_text(prompts[i])[:60] if i < len(prompts) else ""
+            raise PrefcliError(
+                f"reward {source}: score {v!r} for row {i} of the batch (prompt {prompt!r}, reply {replies[i][:60]!r}) is not a finite number",
+                "return one finite float per reply",
+            )
+    return [float(v) for v in values]
 
 
 class Rewards:
@@ -92,7 +112,7 @@ class Rewards:
         total = [0.0] * len(replies)
         parts = {}
         for s in self.sources:
-            values = s.fn(prompts, replies)
+            values = check_scores(s.fn(prompts, replies), s.name, prompts, replies)
             parts[s.name] = sum(values) / max(1, len(values))
             total = [t + s.weight * v for t, v in zip(total, values)]
         return total, parts

@@ -62,12 +62,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from prefcli import distributed as dist
-from prefcli.errors import PrefcliError
+from prefcli.errors import PrefcliError, RuntimeFailure
 from prefcli.progress import progress
 
+CHECKSUMS = "checksums.json"  # in a checkpoint: sha256 of each of its files
+# TrainConfig fields a resumed run may change (README "Resume"); the rest must match the checkpoint.
+RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every", "keep_checkpoints", "log_every", "device", "compile", "fsdp")
+# Where the loop is, for the one line Ctrl-C prints: {"run_dir": Path, "step": steps done}.
+position: dict = {}
 
-class TrainingDiverged(PrefcliError):
-    """The loss or the gradient norm became NaN or infinite."""
+
+class TrainingDiverged(RuntimeFailure):
+    """The loss or the gradient norm became NaN or infinite (a runtime failure: exit 1)."""
 
 
 @dataclass
@@ -321,6 +327,7 @@ class Trainer:
         clock = time.perf_counter() - seconds  # seconds since the run began, across resumes
         with progress(cfg.max_steps, self.desc, unit="step", initial=start) as bar:
             for step in range(start, cfg.max_steps):
+                position.update(run_dir=self.run_dir, step=step)
                 out = self._step(step)
                 done = step + 1
                 tokens += out["tokens"]
@@ -338,9 +345,11 @@ class Trainer:
                     bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{out['lr']:.2e}", tok_s=_si(line["tokens_per_s"]))
                     window = _empty_window(time.perf_counter() - clock)  # eval time is not training time
                 summary.update(steps=done, tokens=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9))
+                position.update(step=done)
                 if last or (cfg.save_every and done % cfg.save_every == 0):
                     self._save(done, tokens=tokens, seconds=seconds, window=window, summary=summary)
                 bar.update(1)
+        position.clear()
         return summary
 
     def _fresh_start(self) -> dict:
@@ -377,32 +386,50 @@ class Trainer:
             tmp = folder / f".tmp-step-{step:06d}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_file(_saveable(model_sd), tmp / "model.safetensors")
-            save_file(_saveable(_flatten_optimizer(optim_sd)), tmp / "optimizer.safetensors")
-            per_rank = [json.loads(r) for r in rngs]
-            rng_tensors = {}
-            for r, rng in enumerate(per_rank):
-                for key, values in rng.pop("torch").items():
-                    rng_tensors[f"{key}.rank{r}"] = torch.tensor(values, dtype=torch.uint8)
-            save_file(rng_tensors, tmp / "rng.safetensors")
-            state = {
-                "step": step,
-                "lr_schedule": {"next_lr": lr_at(step, self.cfg), "warmup": self.cfg.warmup, "max_steps": self.cfg.max_steps, "min_lr_ratio": self.cfg.min_lr_ratio},
-                "config": asdict(self.cfg),
-                "world_size": dist.world_size(),
-                "python_random": [rng["python"] for rng in per_rank],
-                **progress_state,
-            }
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
-            for f in tmp.iterdir():  # on disk before the rename makes it visible
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
+            try:
+                self._write_checkpoint(tmp, step, model_sd, optim_sd, rngs, progress_state)
+            except BaseException as e:  # a full disk, Ctrl-C: no half-written checkpoint stays
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(e, OSError):
+                    kept = list_checkpoints(self.run_dir)
+                    where = f"the checkpoint at {kept[-1].name} is kept" if kept else "no checkpoint was written"
+                    raise RuntimeFailure(
+                        f"cannot write checkpoint {final} ({e.strerror or e})",
+                        f"{where}; free some disk space, then continue with --resume" if kept else
+                        f"{where}; free some disk space and run again",
+                    ) from None
+                raise
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             for old in list_checkpoints(self.run_dir)[: -max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old)
         dist.barrier()
+
+    def _write_checkpoint(self, tmp: Path, step: int, model_sd, optim_sd, rngs, progress_state) -> None:
+        """model, optimizer and RNG state as safetensors, state.json, and checksums.json last."""
+        save_file(_saveable(model_sd), tmp / "model.safetensors")
+        save_file(_saveable(_flatten_optimizer(optim_sd)), tmp / "optimizer.safetensors")
+        per_rank = [json.loads(r) for r in rngs]
+        rng_tensors = {}
+        for r, rng in enumerate(per_rank):
+            for key, values in rng.pop("torch").items():
+                rng_tensors[f"{key}.rank{r}"] = torch.tensor(values, dtype=torch.uint8)
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        state = {
+            "step": step,
+            "lr_schedule": {"next_lr": lr_at(step, self.cfg), "warmup": self.cfg.warmup, "max_steps": self.cfg.max_steps, "min_lr_ratio": self.cfg.min_lr_ratio},
+            "config": asdict(self.cfg),
+            "world_size": dist.world_size(),
+            "python_random": [rng["python"] for rng in per_rank],
+            **progress_state,
+        }
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+        for f in tmp.iterdir():  # on disk before the rename makes it visible
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
 
     def _load_last(self) -> dict:
         found = list_checkpoints(self.run_dir)
@@ -411,9 +438,16 @@ class Trainer:
                 f"nothing to resume: no checkpoint in {self.run_dir / 'checkpoints'}",
                 "run without --resume to start training, or set --save-every to write checkpoints",
             )
-        folder = found[-1]
+        folder = _check_checkpoint(found)
         state = json.loads((folder / "state.json").read_text())
-        set_model_state_dict(self.model, load_file(folder / "model.safetensors"), options=_LOAD)
+        _check_resume_config(state.get("config", {}), asdict(self.cfg), folder)
+        try:
+            set_model_state_dict(self.model, load_file(folder / "model.safetensors"), options=_LOAD)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise PrefcliError(
+                f"--resume: the model in {folder} has another shape than this run's ({str(e).strip().splitlines()[0][:120]})",
+                "resume with the model options (--size, --layers, --dim, ...) the run was started with",
+            ) from None
         # Param groups (hyper-parameters) come from this optimizer, the state from the file.
         names = {p: n for n, p in self.model.named_parameters()}
         groups = [{**g, "params": [names[p] for p in g["params"]]} for g in self.optimizer.param_groups]
@@ -432,6 +466,56 @@ class Trainer:
             _truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
         dist.barrier()
         return state
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_damage(folder: Path) -> list[str]:
+    """Files of a checkpoint that are missing or differ from its checksums.json (none listed: [])."""
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return []  # written before checkpoints carried checksums
+    except (OSError, ValueError):
+        return [CHECKSUMS]
+    if not isinstance(sums, dict):
+        return [CHECKSUMS]
+    return [name for name, digest in sums.items() if not (folder / name).is_file() or _sha256(folder / name) != digest]
+
+
+def _check_checkpoint(found: list[Path]) -> Path:
+    """The last checkpoint, refused when damaged (naming the newest good one to fall back to)."""
+    last = found[-1]
+    bad = checkpoint_damage(last)
+    if not bad:
+        return last
+    good = next((c for c in reversed(found[:-1]) if not checkpoint_damage(c)), None)
+    raise PrefcliError(
+        f"--resume: checkpoint {last} is damaged ({', '.join(bad)} does not match its checksum)",
+        f"the previous good checkpoint is {good.name}: delete {last} to resume from it" if good else
+        "no earlier good checkpoint is kept; start again with --overwrite",
+    )
+
+
+def _check_resume_config(started: dict, now: dict, folder: Path) -> None:
+    """A resumed run computes the same steps: options other than RESUME_MAY_CHANGE must match."""
+    now = json.loads(json.dumps(now))
+    changed = [k for k in sorted(started) if k in now and k not in RESUME_MAY_CHANGE and started[k] != now[k]]
+    if changed:
+        parts = ", ".join(f"--{k.replace('_', '-')} {json.dumps(now[k])} (was {json.dumps(started[k])})" for k in changed)
+        raise PrefcliError(
+            f"--resume: {folder.parent.parent} was started with other options: {parts}",
+            "resume with the options it was started with; only --max-steps, --epochs, --save-every, --eval-every, "
+            "--device, --compile may change (or start again with --overwrite)",
+        )
 
 
 def _fully_shard(model: nn.Module, device: torch.device) -> None:

@@ -205,6 +205,16 @@ def test_kill_during_tokenize_leaves_no_partial_artifact(tmp_path):
     assert not (ws / ".tmp").exists()
 
 
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"{os.getpid()}\\n".encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
 def test_concurrent_writer_gets_a_clear_error(tmp_path):
     from prefcli.errors import PrefcliError
     from prefcli.workspace import Workspace
@@ -212,12 +222,17 @@ def test_concurrent_writer_gets_a_clear_error(tmp_path):
     ws = Workspace(tmp_path / "ws")
     with ws.create("tokenizers", "t", stage="test", config={}) as art:
         (art.path / "x.json").write_text("{}")
-        # A second process holds the lock: simulate with a live pid (ours is excluded, so use pid 1).
-        (ws.root / ".locks" / "tokenizers-t2.pid1").touch()
-        with pytest.raises(PrefcliError, match="being written by another prefcli process"):
-            with ws.create("tokenizers", "t2", stage="test", config={}):
-                pass
-        (ws.root / ".locks" / "tokenizers-t2.pid1").unlink()
+        # A second process holds the lock on t2 (an OS file lock, as prefcli takes it).
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ws.root / ".locks" / "tokenizers-t2.lock")],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            with pytest.raises(PrefcliError, match=f"being written by another prefcli process \\(pid {holder.pid}\\)"):
+                with ws.create("tokenizers", "t2", stage="test", config={}):
+                    pass
+        finally:
+            holder.kill()
+            holder.wait()
     assert json.loads((ws.root / "tokenizers/t/meta.json").read_text())["files"] == {
         "x.json": "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
     }

@@ -128,7 +128,7 @@ def test_checkpoint_files_and_optimizer_state_round_trip(tmp_path):
     trainer = tiny_trainer(tmp_path, max_steps=3, save_every=3, dropout=0.1)
     trainer.train()
     folder = tmp_path / "checkpoints" / "step-000003"
-    assert sorted(os.listdir(folder)) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    assert sorted(os.listdir(folder)) == ["checksums.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
     names = [n for n, _ in trainer.model.named_parameters()]
     flat = load_file(folder / "optimizer.safetensors")
     assert set(flat) == {f"{k}.{n}" for k in ("exp_avg", "exp_avg_sq", "step") for n in names}

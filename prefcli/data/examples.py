@@ -18,6 +18,7 @@ from prefcli.tokenizer import Tokenizer
 
 
 # ---------------------------------------------------------------- row formats
+MAX_MARGIN = 1e4  # a pair's margin enters the loss beside log-ratios: larger ones only overflow it
 def _check_messages(messages, where: str, field: str = "messages") -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise PrefcliError(f"{where}: '{field}' must be a non-empty list of messages", 'each message is {"role": ..., "content": ...}')
@@ -84,8 +85,11 @@ def pair_from_row(rec: dict) -> Pair:
         if not prompt:
             raise PrefcliError(f"{where}: chosen and rejected share no prompt", "add a 'prompt' field")
     margin = rec.get("margin", 0.0)
-    if not isinstance(margin, (int, float)):
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
         raise PrefcliError(f"{where}: 'margin' must be a number", "or leave it out")
+    if not -MAX_MARGIN <= margin <= MAX_MARGIN:  # also False for NaN
+        raise PrefcliError(f"{where}: 'margin' is {margin}, not a finite number within ±{MAX_MARGIN:g}",
+                           "a margin is a difference of scores; give a finite number, or leave it out")
     return Pair(prompt, chosen, rejected, float(margin), where)
 
 

@@ -60,22 +60,32 @@ def iter_txt_documents(path: Path) -> Iterator[str]:
 def iter_records(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, record) for each row of a .jsonl, .json (a list, or {"data": [...]}) or .parquet file."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _utf8(raw, path, lineno)
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
+                    rec = _json_loads(line)
                 except json.JSONDecodeError as e:
                     raise PrefcliError(f"{path}:{lineno}: not valid JSON ({e.msg})", "each line must be one JSON object")
+                except _NotFinite as e:
+                    raise PrefcliError(f"{path}:{lineno}: {e} is not a finite number", "numbers in the data must be finite")
                 if not isinstance(rec, dict):
                     raise PrefcliError(f"{path}:{lineno}: expected a JSON object", "each line must be one JSON object")
                 yield lineno, rec
     elif path.suffix == ".json":
+        raw = path.read_bytes()
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = _json_loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            lineno = raw.count(b"\n", 0, e.start) + 1
+            offset = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
+            raise PrefcliError(f"{path}:{lineno}:{offset}: not valid UTF-8 (byte 0x{raw[e.start]:02x})", "save the file as UTF-8")
         except json.JSONDecodeError as e:
             raise PrefcliError(f"{path}:{e.lineno}: not valid JSON ({e.msg})", "fix the file")
+        except _NotFinite as e:
+            raise PrefcliError(f"{path}: {e} is not a finite number", "numbers in the data must be finite")
         rows = doc.get("data") if isinstance(doc, dict) else doc
         if not isinstance(rows, list):
             raise PrefcliError(f"{path}: expected a list of objects (or {{\"data\": [...]}})", "fix the file")
@@ -129,3 +139,33 @@ def read_rows(specs: list[str | Path], required: tuple[str, ...] = (), option: s
     if not rows:
         raise PrefcliError(f"{option}: {', '.join(map(str, specs))} holds no records", "pass a file with at least one row")
     return rows
+
+
+# ---- checks every JSON reader shares: UTF-8 by line and byte, finite numbers
+
+class _NotFinite(ValueError):
+    """A JSON number that is NaN or infinite (NaN, Infinity, or a literal like 1e400)."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _NotFinite(text)
+    return value
+
+
+def _no_constant(name: str):
+    raise _NotFinite(name)
+
+
+def _json_loads(text: str):
+    """json.loads that refuses NaN, Infinity and numbers too large for a float."""
+    return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+
+
+def _utf8(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PrefcliError(f"{path}:{lineno}:{e.start}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {e.start} of the line)",
+                           "save the file as UTF-8") from None

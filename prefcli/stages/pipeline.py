@@ -314,7 +314,7 @@ def decide(stage: Stage, ws: Workspace, rebuilt: set[Path], force: bool) -> tupl
         changed = _config_diff(stage.config or {}, meta.get("config"))
         if changed:
             return "re-run", f"config changed ({changed})"
-        reason = _inputs_changed(meta.get("parents", []), rebuilt)
+        reason = _inputs_changed(meta.get("parents", []), rebuilt, ws)
         if reason:
             return "re-run", reason
     return "skip", "up to date"
@@ -328,12 +328,12 @@ def _config_diff(want: dict, have: Any) -> str:
     return "; ".join(diffs[:3]) + (f"; {len(diffs) - 3} more" if len(diffs) > 3 else "")
 
 
-def _inputs_changed(parents: list[dict], rebuilt: set[Path]) -> str:
+def _inputs_changed(parents: list[dict], rebuilt: set[Path], ws: Workspace | None = None) -> str:
     for p in parents:
         path = p.get("path")
         if not path:
             continue
-        path = Path(path)
+        path = ws.parent_path(p) if ws is not None else Path(path)  # lineage is relative to the workspace root
         label = f"{p['kind']}/{p.get('name', path.name)}" if p.get("kind") in KINDS else str(path)
         if path.resolve() in rebuilt:
             return f"input rebuilt ({label})"

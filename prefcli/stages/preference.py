@@ -279,7 +279,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
         parents.append(ref_loaded.parent())
     out = cfg.out or cfg.method
     ws.check_writable("models", out, cfg.overwrite or cfg.resume)
-    root_run = prepare_run(ws, out, resume=cfg.resume, overwrite=cfg.overwrite) if cfg.rounds == 1 else _prepare_rounds(ws, out, cfg)
+    root_run = prepare_run(ws, out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg)) if cfg.rounds == 1 else _prepare_rounds(ws, out, cfg)
     summary, round_stats = {}, []
     trainer = None
     for rnd in range(1, cfg.rounds + 1):
@@ -351,7 +351,7 @@ def _prepare_rounds(ws: Workspace, out: str, cfg: PreferenceConfig) -> Path:
         if not run_dir.exists():
             raise PrefcliError(f"--resume: {run_dir} has no checkpoint to resume from", "run without --resume to start a new run")
         return run_dir
-    return prepare_run(ws, out, resume=False, overwrite=cfg.overwrite)
+    return prepare_run(ws, out, resume=False, overwrite=cfg.overwrite, config=to_dict(cfg))
 
 
 def _round_pairs(run_dir: Path, model, tok, prompts, rewards, cfg, device, rnd) -> tuple[list[Pair], dict]:

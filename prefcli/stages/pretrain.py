@@ -99,7 +99,7 @@ def run(cfg: PretrainConfig, ws: Workspace) -> dict:
     if cfg.tokens is not None and cfg.max_steps is None:
         steps_cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.tokens / tokens_per_step)))
     tcfg = train_config(steps_cfg, default_steps=DEFAULT_STEPS)
-    run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
 
     def batches(step: int, micro: int) -> torch.Tensor:
         """Random windows of context+1 tokens: a pure function of (seed, step, micro, rank)."""

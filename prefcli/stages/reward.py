@@ -28,7 +28,7 @@ from prefcli.model import Transformer
 from prefcli.objectives.reward import bradley_terry_loss
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
-from prefcli.workspace import Workspace
+from prefcli.workspace import Workspace, check_output_file
 
 
 @dataclass
@@ -94,7 +94,7 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
     if heldout is not None:
         heldout, _ = encode_pairs(tok, heldout, context)
     tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
-    run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
     pad = tok.pad_id
 
     def batches(step: int, micro: int) -> dict:
@@ -159,6 +159,7 @@ def score(cfg: ScoreConfig, ws: Workspace) -> dict:
         raise PrefcliError("reward score needs --prompt with --response, or --input FILE", "give one of the two")
     if cfg.prompt is not None and cfg.response is None:
         raise PrefcliError("--prompt needs --response", "pass the reply to score with --response")
+    check_output_file(cfg.output, "-o/--output")
     scorer = RewardScorer(ws, cfg.model, "--model", cfg.device)
     if cfg.prompt is not None:
         s = scorer([[{"role": "user", "content": cfg.prompt}]], [cfg.response])[0]

@@ -337,7 +337,7 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
                        warmup=cfg.warmup, weight_decay=cfg.weight_decay, save_every=save_every, seed=cfg.seed,
                        device=cfg.device, compile=cfg.compile)
 
-    run_dir = prepare_run(ws, out, resume=cfg.resume, overwrite=cfg.overwrite)
+    run_dir = prepare_run(ws, out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
     trainer = None
     batches = Rollouts(cfg, tok, prompts, prompt_ids, rewards, reference, lambda: trainer)
     trainer = Trainer(module, make_loss_fn(cfg), batches, tcfg, run_dir, desc=f"{cfg.method} {out}")

@@ -55,7 +55,7 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
         raise PrefcliError("--data: no conversation has an assistant token within the context", "use shorter conversations")
     train, val = sources.split_val(encoded, cfg.val_fraction, cfg.seed)
     tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
-    run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
     pad = tok.pad_id
 
     def collate(examples: list[Encoded]) -> dict:

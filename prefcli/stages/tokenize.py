@@ -63,6 +63,7 @@ def _check(cfg: TokenizeConfig, ws: Workspace) -> None:
     if cfg.tokenizer is None:
         ws.check_writable("tokenizers", cfg.name, cfg.overwrite, "--name")
     ws.check_writable("datasets", cfg.dataset, cfg.overwrite, "--dataset")
+    ws.claim("datasets", cfg.dataset)  # held until the command ends: a second writer is refused now, not at the end
 
 
 def run(cfg: TokenizeConfig, ws: Workspace) -> dict:
@@ -115,9 +116,9 @@ def run(cfg: TokenizeConfig, ws: Workspace) -> dict:
             save_tokenizer(hf_tok, tok_art.path)
             tok_art.meta["metrics"] = {"vocab_size": vocab}
             tok_json = tok_art.path / "tokenizer.json"
-            tok_parent = {"kind": "tokenizers", "name": cfg.name, "path": str((ws.folder("tokenizers") / cfg.name).resolve())}
+            tok_parent = {"kind": "tokenizers", "name": cfg.name, "path": f"tokenizers/{cfg.name}"}  # relative to the root
         else:
-            tok_json = Path(tok_parent["path"]) / "tokenizer.json"
+            tok_json = tok_path / "tokenizer.json"
         ds = stack.enter_context(ws.create("datasets", cfg.dataset, stage="tokenize", config=config,
                                            parents=[tok_parent, *inputs], overwrite=cfg.overwrite))
         counts = _encode(documents, hf_tok, eos, dtype, ds.path, cfg, total_bytes)
