@@ -52,7 +52,7 @@ def base(tmp_path_factory):
     d: data files, good and bad, model folders broken in every way, a module of reward functions."""
     from prefcli.chat_format import render_chat
     from prefcli.model import Transformer, make_config, save_model
-    from prefcli.stages.common import generation_config, save_model_artifact, sync_token_ids
+    from prefcli.artifacts import generation_config, save_model_artifact, sync_token_ids
     from prefcli.tokenizer import Tokenizer, copy_tokenizer_files
     from prefcli.workspace import Workspace
 

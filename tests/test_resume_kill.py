@@ -50,7 +50,7 @@ def base_ws(tmp_path_factory):
     from prefcli.chat_format import render_chat
     from prefcli.cli import main
     from prefcli.model import Transformer, make_config
-    from prefcli.stages.common import save_model_artifact, sync_token_ids
+    from prefcli.artifacts import save_model_artifact, sync_token_ids
     from prefcli.tokenizer import Tokenizer
     from prefcli.workspace import Workspace
 
