@@ -170,7 +170,7 @@ def test_ls_shows_lineage(cli, tmp_path, small_corpus):
     tok_node = next(p for p in lineage["parents"] if p.get("name") == "default")
     assert Path(tok_node["parents"][0]["path"]).name == "corpus.txt"
     table = cli("-w", ws, "ls")
-    assert table.code == 0 and "corpus" in table.stderr and "default" in table.stderr
+    assert table.code == 0 and "corpus" in table.stdout and "default" in table.stdout  # the listing is the output: stdout
     _assert_failed(cli("-w", ws, "ls", "nothing"), "nothing")
 
 
