@@ -89,6 +89,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     fsdp: bool = False
+    precision: str = "auto"  # auto: bf16 autocast on CUDA only; bf16: on any device; fp32: never
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -237,9 +238,12 @@ class Trainer:
             self.ddp = trained = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.trained = torch.compile(trained) if cfg.compile else trained
+        if cfg.precision not in ("auto", "fp32", "bf16"):
+            raise PrefcliError(f"--precision {cfg.precision}: unknown", "choose auto, fp32 or bf16")
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = (
-            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-            if self.device.type == "cuda"
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if bf16
             else contextlib.nullcontext
         )
 

@@ -7,12 +7,13 @@ objective, hand both to the Trainer, save the artifact.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from prefcli import distributed as dist
+from prefcli import lora
 from prefcli.errors import PrefcliError
 from prefcli.model import Transformer, load_model, save_model
 from prefcli.tokenizer import Tokenizer, copy_tokenizer_files
@@ -41,6 +42,15 @@ class TrainingOptions:
     seed: int = 0
     device: str = "auto"
     overwrite: bool = False
+    # LoRA (prefcli.lora): rank 0 = full fine-tuning; the result is a PEFT adapter folder unless --merge.
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # None: 2 x rank
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                              "gate_proj", "up_proj", "down_proj"])
+    merge: bool = False
+    grad_checkpoint: bool = False
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16
 
 
 @dataclass
@@ -58,9 +68,14 @@ def load_model_artifact(ws: Workspace, ref: str, option: str, *, kind: str | Non
                         score_head: bool = False, device: str | torch.device = "cpu") -> Loaded:
     """A prefcli model artifact or an HF folder, with the tokenizer it carries."""
     path = ws.resolve("models", ref, option)
-    if not (path / "tokenizer.json").is_file():
+    tok_folder = path
+    if not (path / "tokenizer.json").is_file() and (path / "adapter_config.json").is_file():
+        from prefcli.lora import adapter_base
+
+        tok_folder = adapter_base(path)  # an adapter without tokenizer files: its base's
+    if not (tok_folder / "tokenizer.json").is_file():
         raise PrefcliError(f"{option}: {path} has no tokenizer.json", "a model folder must carry its tokenizer files")
-    tok = Tokenizer(path)
+    tok = Tokenizer(tok_folder)
     model = load_model(path, device=device, kind=kind, score_head=score_head)
     return Loaded(model, tok, path, read_meta(path))
 
@@ -127,7 +142,7 @@ def train_config(cfg, num_examples: int | None = None, default_steps: int = 100)
     return TrainConfig(
         max_steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup=cfg.warmup,
         eval_every=cfg.eval_every, save_every=cfg.save_every, seed=cfg.seed, device=cfg.device,
-        compile=cfg.compile, fsdp=getattr(cfg, "fsdp", False),
+        compile=cfg.compile, fsdp=getattr(cfg, "fsdp", False), precision=getattr(cfg, "precision", "auto"),
         weight_decay=getattr(cfg, "weight_decay", 0.1),
     )
 
@@ -144,9 +159,19 @@ def save_model_artifact(ws: Workspace, name: str, model: Transformer, tokenizer_
         return None
     tok = Tokenizer(tokenizer_folder)
     meta_kind = "reward_model" if kind == "reward" else "model"
+    adapter = lora.has_adapters(model) and not config.get("merge")
+    if adapter:  # a PEFT adapter folder on the model the run started from (prefcli.lora)
+        base = Path(getattr(model, "lora_base", None) or tokenizer_folder)
+        parents = [*parents, {**parent_ref("models", base), "role": "adapter_base"}]
+    elif lora.has_adapters(model):
+        lora.merge_adapters(model)
     with ws.create("models", name, stage=stage, config=config, parents=parents, overwrite=overwrite,
                    meta_kind=meta_kind) as art:
-        save_model(model, art.path, kind=kind, generation_config=generation_config(tok))
+        if adapter:
+            lora.save_adapter(model, art.path, base, reward=kind == "reward", dtype=_stored_dtype(model))
+            art.meta["adapter"] = True
+        else:
+            save_model(model, art.path, kind=kind, generation_config=generation_config(tok))
         copy_tokenizer_files(tokenizer_folder, art.path)
         if extra_files is not None:
             extra_files(art.path)
@@ -184,3 +209,17 @@ def in_length_groups(fn, attention_mask: torch.Tensor, groups: int):
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p)[undo] for p in zip(*parts))
     return torch.cat(parts)[undo]
+
+
+def _stored_dtype(model: Transformer) -> torch.dtype:
+    """The dtype the model's weights were stored in (adapters are saved in it too)."""
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model.config.dtype or "", torch.float32)
+
+
+def prepare_for_training(model: Transformer, cfg, *, reward: bool = False) -> Transformer:
+    """--grad-checkpoint and LoRA (--lora-rank > 0) on a freshly loaded model (every training stage)."""
+    model.grad_checkpoint = bool(getattr(cfg, "grad_checkpoint", False))
+    spec = lora.spec_from_config(cfg)
+    if spec is not None:
+        lora.add_adapters(model, spec, trainable_head="score" if reward else None)
+    return model

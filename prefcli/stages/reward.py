@@ -22,8 +22,8 @@ from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.model import Transformer
 from prefcli.objectives.reward import bradley_terry_loss
-from prefcli.stages.common import (TrainingOptions, in_length_groups, length_groups, load_model_artifact, note, prepare_run,
-                                   save_model_artifact, train_config)
+from prefcli.stages.common import (TrainingOptions, in_length_groups, length_groups, load_model_artifact, note,
+                                   prepare_for_training, prepare_run, save_model_artifact, train_config)
 from prefcli.stages.sft import split_val
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
@@ -38,6 +38,8 @@ class RewardConfig(TrainingOptions):
     center_rewards: float = 0.0
     val_fraction: float = 0.05
     lr: float = 5e-4
+    max_length: int | None = None  # tokens per prompt + reply (None: the model's context)
+    max_prompt_length: int | None = None  # prompt tokens kept (its last ones)
 
 
 # ~3.4 passes over the 24,000 demo reward pairs at batch 32: judging correctness (a sum, a fact,
@@ -56,12 +58,13 @@ def read_pairs(data: list[str]) -> tuple[list[Pair], list[dict]]:
     return [pair_from_row(r) for r in rows], [{"kind": "input", "path": str(p)} for p in data]
 
 
-def encode_pairs(tok: Tokenizer, pairs: list[Pair], max_len: int) -> tuple[list[tuple], int]:
+def encode_pairs(tok: Tokenizer, pairs: list[Pair], max_len: int,
+                 max_prompt_len: int | None = None) -> tuple[list[tuple], int]:
     """(chosen, rejected) encodings per pair, and how many were truncated."""
     out, truncated = [], 0
     for p in pairs:
-        c = encode_completion(tok, p.prompt, p.chosen, max_len)
-        r = encode_completion(tok, p.prompt, p.rejected, max_len)
+        c = encode_completion(tok, p.prompt, p.chosen, max_len, max_prompt_len)
+        r = encode_completion(tok, p.prompt, p.rejected, max_len, max_prompt_len)
         truncated += c.truncated or r.truncated
         out.append((c, r, p.margin))
     return out, truncated
@@ -110,10 +113,12 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
     model, tok = base.model, base.tokenizer
     if model.lm_head is not None:
         model.lm_head = None  # a reward model has no next-token head
-    context = model.config.max_position_embeddings
-    encoded, truncated = encode_pairs(tok, pairs, context)
+    model = prepare_for_training(model, cfg, reward=True)
+    context = min(model.config.max_position_embeddings, cfg.max_length or model.config.max_position_embeddings)
+    encoded, truncated = encode_pairs(tok, pairs, context, cfg.max_prompt_length)
     if truncated:
-        note(f"warning: {truncated} of {len(pairs)} pairs are longer than the context ({context} tokens) and were truncated")
+        note(f"warning: {truncated} of {len(pairs)} pairs were truncated to {context} tokens"
+             + (f" (prompts to {cfg.max_prompt_length})" if cfg.max_prompt_length else ""))
     train, val = split_val(encoded, cfg.val_fraction, cfg.seed)
     heldout = None
     if not cfg.data:  # the demo's own held-out pairs: prompts never seen in any training split

@@ -16,8 +16,9 @@ from prefcli.config import to_dict
 from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pack_rows, pad_batch
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
-from prefcli.objectives.lm import lm_loss
-from prefcli.stages.common import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
+from prefcli.model import chunked_lm_loss
+from prefcli.stages.common import (TrainingOptions, load_model_artifact, note, prepare_for_training, prepare_run,
+                                   save_model_artifact, train_config)
 from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace
 
@@ -30,6 +31,7 @@ class SFTConfig(TrainingOptions):
     train_on_prompt: bool = False
     pack: bool = True
     val_fraction: float = 0.05
+    max_length: int | None = None  # tokens per conversation (None: the model's context)
 
 
 DEFAULT_STEPS = 150  # ~1.6 passes over the 3,000 demo chats at batch 32
@@ -61,14 +63,15 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
         raise PrefcliError(f"--val-fraction {cfg.val_fraction} is out of range", "use a number from 0 up to 1")
     convos, inputs = conversations(cfg.data)
     policy = load_model_artifact(ws, cfg.policy, "--policy", kind="causal_lm")
-    tok, model = policy.tokenizer, policy.model
+    tok, model = policy.tokenizer, prepare_for_training(policy.model, cfg)
     if not tok.has_chat_template:
         raise PrefcliError(f"--policy: the tokenizer of {policy.path} has no chat template", "use a tokenizer made by `prefcli tokenize`")
-    context = model.config.max_position_embeddings
+    context = min(model.config.max_position_embeddings, cfg.max_length or model.config.max_position_embeddings)
     encoded = [encode_chat(tok, m, context, cfg.train_on_prompt) for m in convos]
     truncated = sum(e.truncated for e in encoded)
     if truncated:
-        note(f"warning: {truncated} of {len(encoded)} conversations are longer than the context ({context} tokens) and were truncated")
+        note(f"warning: {truncated} of {len(encoded)} conversations are longer than {context} tokens "
+             f"({'--max-length' if context == cfg.max_length else 'the context'}) and were truncated")
     encoded = [e for e in encoded if sum(e.mask[1:]) > 0]  # truncation can cut every assistant token away
     if not encoded:
         raise PrefcliError("--data: no conversation has an assistant token within the context", "use shorter conversations")
@@ -88,8 +91,8 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
 
     def forward(model, batch: dict):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), document_ids=batch.get("document_ids"))
-        return lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+        return chunked_lm_loss(model, batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                               document_ids=batch.get("document_ids"), loss_mask=batch["loss_mask"])
 
     def loss_fn(model, batch: dict):
         loss, n = forward(model, batch)
