@@ -47,6 +47,15 @@ EVAL_EVERY_OPT = typer.Option(None, "--eval-every", help="Validate every N steps
 SAVE_EVERY_OPT = typer.Option(None, "--save-every", help="Checkpoint every N steps (and at the end) into runs/<out>/checkpoints.")
 RESUME_OPT = typer.Option(False, "--resume", help="Continue the run runs/<out> from its last checkpoint.")
 COMPILE_OPT = typer.Option(False, "--compile", help="torch.compile the model.")
+PRECISION_OPT = typer.Option(None, "--precision", help="auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16 (autocast on any device).")
+LORA_RANK_OPT = typer.Option(None, "--lora-rank", help="Train LoRA adapters of this rank instead of every weight (0: off); writes a PEFT adapter folder.")
+LORA_ALPHA_OPT = typer.Option(None, "--lora-alpha", help="LoRA alpha: the adapter is scaled by alpha / rank (default 2 x rank).")
+LORA_DROPOUT_OPT = typer.Option(None, "--lora-dropout", help="Dropout on the adapters' input (default 0).")
+LORA_TARGETS_OPT = typer.Option(None, "--lora-targets", help="Projections that get adapters, comma-separated (default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).")
+MERGE_OPT = typer.Option(False, "--merge", help="With --lora-rank: write a plain merged model folder instead of an adapter.")
+GRAD_CKPT_OPT = typer.Option(False, "--grad-checkpoint", help="Recompute each block's activations in backward (less memory, ~30% slower).")
+MAX_LENGTH_OPT = typer.Option(None, "--max-length", help="Longest example in tokens (prompt + reply); longer ones are cut and counted (default: the model's context).")
+MAX_PROMPT_OPT = typer.Option(None, "--max-prompt-length", help="Keep only the last N tokens of each prompt (reward and preference methods).")
 
 
 def workspace() -> Workspace:
@@ -218,6 +227,15 @@ def align(
     compile: bool = COMPILE_OPT,
     seed: Optional[int] = SEED_OPT,
     device: Optional[str] = DEVICE_OPT,
+    lora_rank: Optional[int] = LORA_RANK_OPT,
+    lora_alpha: Optional[float] = LORA_ALPHA_OPT,
+    lora_dropout: Optional[float] = LORA_DROPOUT_OPT,
+    lora_targets: Optional[str] = LORA_TARGETS_OPT,
+    merge: bool = MERGE_OPT,
+    grad_checkpoint: bool = GRAD_CKPT_OPT,
+    precision: Optional[str] = PRECISION_OPT,
+    max_length: Optional[int] = MAX_LENGTH_OPT,
+    max_prompt_length: Optional[int] = MAX_PROMPT_OPT,
     out: Optional[str] = typer.Option(None, "--out", help="Name of the model to write (default: the method's name)."),
     config: Optional[Path] = CONFIG_OPT,
     overwrite: bool = OVERWRITE_OPT,
@@ -237,7 +255,10 @@ def align(
                    max_steps=max_steps, epochs=epochs,
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, eval_every=eval_every,
                    save_every=save_every, resume=resume or None, compile=compile or None, seed=seed, device=device,
-                   out=out, overwrite=overwrite or None)
+                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                   lora_targets=lora_targets.split(",") if lora_targets else None, merge=merge or None,
+                   grad_checkpoint=grad_checkpoint or None, precision=precision, max_length=max_length,
+                   max_prompt_length=max_prompt_length, out=out, overwrite=overwrite or None)
     result = stage.run(method, options, config, workspace())
     emit(result, as_json, lambda r: summary_table(f"align {r['method']} -> models/{r['model']}", {
         k: v for k, v in r.items() if k not in ("model", "method") and not isinstance(v, (dict, list))
@@ -267,6 +288,15 @@ def reward_train(
     compile: bool = COMPILE_OPT,
     seed: Optional[int] = SEED_OPT,
     device: Optional[str] = DEVICE_OPT,
+    lora_rank: Optional[int] = LORA_RANK_OPT,
+    lora_alpha: Optional[float] = LORA_ALPHA_OPT,
+    lora_dropout: Optional[float] = LORA_DROPOUT_OPT,
+    lora_targets: Optional[str] = LORA_TARGETS_OPT,
+    merge: bool = MERGE_OPT,
+    grad_checkpoint: bool = GRAD_CKPT_OPT,
+    precision: Optional[str] = PRECISION_OPT,
+    max_length: Optional[int] = MAX_LENGTH_OPT,
+    max_prompt_length: Optional[int] = MAX_PROMPT_OPT,
     out: Optional[str] = typer.Option(None, "--out", help="Name of the reward model (default: rm)."),
     config: Optional[Path] = CONFIG_OPT,
     overwrite: bool = OVERWRITE_OPT,
@@ -279,7 +309,10 @@ def reward_train(
                        val_fraction=val_fraction, max_steps=max_steps, epochs=epochs, batch_size=batch_size,
                        grad_accum=grad_accum, lr=lr, warmup=warmup, eval_every=eval_every, save_every=save_every,
                        resume=resume or None, compile=compile or None, seed=seed, device=device, out=out,
-                       overwrite=overwrite or None)
+                       lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                       lora_targets=lora_targets.split(",") if lora_targets else None, merge=merge or None,
+                       grad_checkpoint=grad_checkpoint or None, precision=precision, max_length=max_length,
+                       max_prompt_length=max_prompt_length, overwrite=overwrite or None)
     result = stage.run(cfg, workspace())
     emit(result, as_json, lambda r: summary_table(f"reward train -> models/{r['model']}", {
         k: v for k, v in r.items() if k != "model" and v is not None
@@ -601,6 +634,21 @@ def _lineage_tree(node: dict, tree: Tree | None = None) -> Tree:
     for parent in node.get("parents", []):
         _lineage_tree(parent, branch)
     return branch
+
+
+# ---------------------------------------------------------------- import
+@app.command("import")
+def import_(
+    source: Path = typer.Argument(..., help="A local HF model folder (config.json + safetensors + tokenizer) or a .gguf file."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model artifact name (default: from the source's name)."),
+    overwrite: bool = OVERWRITE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Bring a local model into the workspace (GGUF is dequantised; needs pip install 'prefcli[gguf]')."""
+    from prefcli.stages import import_model as stage
+
+    result = stage.run(stage.ImportConfig(source=str(source), name=name, overwrite=overwrite), workspace())
+    emit(result, as_json, lambda r: summary_table(f"import -> models/{r['model']}", r))
 
 
 # ---------------------------------------------------------------- entry point

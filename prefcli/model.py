@@ -58,7 +58,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    dtype: str | None = None  # the weights' dtype on disk ("bfloat16", ...): kept when saved again
+    # The weights' dtype on disk ("bfloat16", ...), kept when saved again; storage, not shape (no compare).
+    dtype: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -160,7 +161,7 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "initializer_range": 0.02,
-            "torch_dtype": "float32",
+            "torch_dtype": self.dtype or "float32",
             "use_cache": True,
         }
         if family == "Llama":

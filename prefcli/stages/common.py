@@ -42,7 +42,16 @@ class TrainingOptions:
     seed: int = 0
     device: str = "auto"
     overwrite: bool = False
-    # LoRA (prefcli.lora): rank 0 = full fine-tuning; the result is a PEFT adapter folder unless --merge.
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16
+
+
+@dataclass
+class AdapterOptions:
+    """LoRA and memory options of the fine-tuning stages (sft, preference methods, reward train).
+
+    LoRA (prefcli.lora): rank 0 = full fine-tuning; the result is a PEFT adapter folder unless --merge.
+    """
+
     lora_rank: int = 0
     lora_alpha: float | None = None  # None: 2 x rank
     lora_dropout: float = 0.0
@@ -50,7 +59,6 @@ class TrainingOptions:
                                                               "gate_proj", "up_proj", "down_proj"])
     merge: bool = False
     grad_checkpoint: bool = False
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16
 
 
 @dataclass

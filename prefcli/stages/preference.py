@@ -27,7 +27,7 @@ from prefcli import lora
 from prefcli.model import Transformer, chunked_sequence_logprobs
 from prefcli.objectives.preference import METHODS, chosen_nll_loss, kto_loss, preference_loss
 from prefcli.rewards import build_rewards
-from prefcli.stages.common import (TrainingOptions, in_length_groups, length_groups, load_model_artifact, note,
+from prefcli.stages.common import (AdapterOptions, TrainingOptions, in_length_groups, length_groups, load_model_artifact, note,
                                    prepare_for_training, prepare_run, save_model_artifact, train_config)
 from prefcli.stages.sft import split_val
 from prefcli.tokenizer import Tokenizer
@@ -36,7 +36,7 @@ from prefcli.workspace import Workspace
 
 
 @dataclass
-class PreferenceConfig(TrainingOptions):
+class PreferenceConfig(TrainingOptions, AdapterOptions):
     method: str = "dpo"
     data: list[str] = field(default_factory=list)  # empty: the built-in demo pairs
     policy: str = "sft"

@@ -17,14 +17,14 @@ from prefcli.data.examples import Encoded, chat_from_row, encode_chat, pack_rows
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.model import chunked_lm_loss
-from prefcli.stages.common import (TrainingOptions, load_model_artifact, note, prepare_for_training, prepare_run,
+from prefcli.stages.common import (AdapterOptions, TrainingOptions, load_model_artifact, note, prepare_for_training, prepare_run,
                                    save_model_artifact, train_config)
 from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace
 
 
 @dataclass
-class SFTConfig(TrainingOptions):
+class SFTConfig(TrainingOptions, AdapterOptions):
     data: list[str] = field(default_factory=list)  # empty: the built-in demo chats
     policy: str = "base"
     out: str = "sft"
@@ -70,8 +70,8 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
     encoded = [encode_chat(tok, m, context, cfg.train_on_prompt) for m in convos]
     truncated = sum(e.truncated for e in encoded)
     if truncated:
-        note(f"warning: {truncated} of {len(encoded)} conversations are longer than {context} tokens "
-             f"({'--max-length' if context == cfg.max_length else 'the context'}) and were truncated")
+        limit = "--max-length" if context == cfg.max_length else "the context"
+        note(f"warning: {truncated} of {len(encoded)} conversations are longer than {limit} ({context} tokens) and were truncated")
     encoded = [e for e in encoded if sum(e.mask[1:]) > 0]  # truncation can cut every assistant token away
     if not encoded:
         raise PrefcliError("--data: no conversation has an assistant token within the context", "use shorter conversations")
