@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from prefcli import lora
+from conftest import CHAT_LINES
 from prefcli.model import ModelConfig, Transformer, load_model, save_model
 
-pytest.importorskip("peft")
+
 
 
 def tiny_model(score_head=False, lm_head=True, seed=0) -> Transformer:
@@ -170,3 +171,61 @@ def test_grad_checkpoint_gives_the_same_gradients():
     model(IDS).logsumexp(-1).mean().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[n], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the stages, end to end
+def test_import_sft_reward_dpo_chat_eval_with_lora(cli, chat_ws, tmp_path):
+    """import -> sft --lora-rank 16 -> reward train --lora-rank 16 -> dpo --lora-rank 16 -> chat -> eval compare."""
+    from peft import PeftModel
+    from test_import import write_gguf
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from conftest import write_jsonl
+
+    ws, files = chat_ws
+    write_gguf(ws / "models/base", tmp_path / "tiny.gguf")
+    assert cli("-w", ws, "import", tmp_path / "tiny.gguf", "--name", "tiny").code == 0
+    fast = ["--batch-size", "4", "--warmup", "0", "--lr", "1e-2", "--val-fraction", "0", "--json"]
+
+    r = cli("-w", ws, "align", "--method", "sft", "--policy", "tiny", "--data", files["chats"], "--max-steps", "30",
+            "--lora-rank", "16", *fast)
+    assert r.code == 0, r.stderr
+    sft = ws / "models/sft"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in sft.iterdir()}
+    assert not (sft / "model.safetensors").exists()
+    meta = json.loads((sft / "meta.json").read_text())
+    assert meta["adapter"] is True and any(p.get("role") == "adapter_base" and p["name"] == "tiny" for p in meta["parents"])
+
+    r = cli("-w", ws, "reward", "train", "--base", "sft", "--data", files["pairs"], "--max-steps", "10",
+            "--lora-rank", "16", *fast)
+    assert r.code == 0, r.stderr
+    r = cli("-w", ws, "align", "--method", "dpo", "--policy", "sft", "--data", files["pairs"], "--max-steps", "10",
+            "--lora-rank", "16", "--rpo-alpha", "1", *fast)
+    assert r.code == 0, r.stderr
+    last = json.loads((ws / "runs/dpo/metrics.jsonl").read_text().splitlines()[-1])
+    assert last["rewards/margins"] > 0  # the adapter learned the preference against the sft reference
+
+    # Each adapter loads in PEFT onto the imported base and gives prefcli's logits / scores.
+    ids = torch.tensor([[1, 40, 41, 300, 7, 99]])
+    base_dir = ws / "models/tiny"
+    for name in ("sft", "dpo"):
+        hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), ws / "models" / name).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(load_model(ws / "models" / name)(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    hf = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1),
+                                   ws / "models/rm").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(ws / "models/rm").sequence_scores(ids), hf(ids).logits[:, 0],
+                                   atol=1e-4, rtol=1e-4)
+    # DPO started from the sft adapter: its adapter holds both (rank 32) on the imported base.
+    assert json.loads((ws / "models/dpo/adapter_config.json").read_text())["r"] == 32
+
+    r = cli("-w", ws, "chat", "--model", "sft", "--prompt", "What is two plus three?", "--temperature", "0")
+    assert r.code == 0, r.stderr
+    assert r.stdout.strip() == "Two plus three is five."
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q, _ in CHAT_LINES])
+    r = cli("-w", ws, "eval", "compare", "--model", "dpo", "--reference", "sft", "--judge-model", "rm",
+            "--prompts", prompts, "--max-tokens", "8", "--json")
+    assert r.code == 0, r.stderr
+    r = cli("-w", ws, "reward", "score", "--model", "rm", "--prompt", "hi", "--response", "Hello.", "--json")
+    assert r.code == 0, r.stderr
