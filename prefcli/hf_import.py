@@ -56,10 +56,10 @@ def import_gguf(source: Path, dest: Path) -> dict:
     """Dequantise a GGUF file through transformers into an HF model folder with its tokenizer."""
     try:
         import gguf  # noqa: F401  (transformers' reader needs it)
-    except ImportError:
-        raise PrefcliError("import: reading GGUF files needs the gguf package",
+        import transformers
+    except ImportError as e:
+        raise PrefcliError(f"import: reading GGUF files needs the {e.name} package",
                            "pip install 'prefcli[gguf]'") from None
-    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()

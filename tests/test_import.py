@@ -102,6 +102,9 @@ def test_import_hf_folder_and_bad_sources(cli, chat_ws, tmp_path):
     r = cli("-w", ws, "import", ws / "models/base", "--name", "copy", "--json")
     assert r.code == 0, r.stderr
     assert (ws / "models/copy/model.safetensors").read_bytes() == (ws / "models/base/model.safetensors").read_bytes()
+    r = cli("-w", ws, "import", ws / "models/base", "--name", "copy")
+    assert r.code == 2 and "already exists" in r.stderr
+    assert cli("-w", ws, "import", ws / "models/base", "--name", "copy", "--overwrite").code == 0
     before = tree_snapshot(ws)
     for bad, says in ((tmp_path / "nope.gguf", "does not exist"), (tmp_path, "neither a .gguf file nor a model folder")):
         r = cli("-w", ws, "import", bad, "--name", "x")

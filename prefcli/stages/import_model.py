@@ -42,7 +42,7 @@ def run(cfg: ImportConfig, ws: Workspace) -> dict:
     if kind == "gguf":
         origin["sha256"] = sha256_file(source)
         note(f"reading {source.name} through transformers' GGUF reader (dequantising; about a minute for 135M parameters)")
-    with ws.create("models", name, stage="import", config=to_dict(cfg), parents=[origin]) as art:
+    with ws.create("models", name, stage="import", config=to_dict(cfg), parents=[origin], overwrite=cfg.overwrite) as art:
         info = hf_import.import_gguf(source, art.path) if kind == "gguf" else hf_import.import_hf_folder(source, art.path)
         chat = Tokenizer(art.path).has_chat_template
         art.meta["chat"] = chat
