@@ -124,6 +124,21 @@ def adapters_disabled(model: nn.Module):
             m.lora_on = on
 
 
+class AdaptersOff:
+    """The model with its adapters switched off, called like the model: a reference that is the
+    base without a second copy of the weights. Attributes (lm_head, config, ...) are the model's."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
 def merge_adapters(model: nn.Module) -> nn.Module:
     """W <- W + scale * B A for every adapter, then drop the adapters: a plain model again."""
     with torch.no_grad():

@@ -85,6 +85,8 @@ def load_model_artifact(ws: Workspace, ref: str, option: str, *, kind: str | Non
         raise PrefcliError(f"{option}: {path} has no tokenizer.json", "a model folder must carry its tokenizer files")
     tok = Tokenizer(tok_folder)
     model = load_model(path, device=device, kind=kind, score_head=score_head)
+    if not hasattr(model, "lora_base"):
+        model.lora_base = path  # the base a LoRA adapter trained on this model is saved against
     return Loaded(model, tok, path, read_meta(path))
 
 
