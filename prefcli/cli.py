@@ -55,6 +55,7 @@ LORA_TARGETS_OPT = typer.Option(None, "--lora-targets", help="Projections that g
 MERGE_OPT = typer.Option(False, "--merge", help="With --lora-rank: write a plain merged model folder instead of an adapter.")
 GRAD_CKPT_OPT = typer.Option(False, "--grad-checkpoint", help="Recompute each block's activations in backward (less memory, ~30% slower).")
 MAX_LENGTH_OPT = typer.Option(None, "--max-length", help="Longest example in tokens (prompt + reply); longer ones are cut and counted (default: the model's context).")
+REPORT_TO_OPT = typer.Option(None, "--report-to", help="Mirror metrics.jsonl to a tracker: tensorboard (runs/<out>/tensorboard) or wandb; repeatable.")
 MAX_PROMPT_OPT = typer.Option(None, "--max-prompt-length", help="Keep only the last N tokens of each prompt (reward and preference methods).")
 
 
@@ -236,6 +237,7 @@ def align(
     precision: Optional[str] = PRECISION_OPT,
     max_length: Optional[int] = MAX_LENGTH_OPT,
     max_prompt_length: Optional[int] = MAX_PROMPT_OPT,
+    report_to: Optional[list[str]] = REPORT_TO_OPT,
     out: Optional[str] = typer.Option(None, "--out", help="Name of the model to write (default: the method's name)."),
     config: Optional[Path] = CONFIG_OPT,
     overwrite: bool = OVERWRITE_OPT,
@@ -258,7 +260,7 @@ def align(
                    lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                    lora_targets=lora_targets.split(",") if lora_targets else None, merge=merge or None,
                    grad_checkpoint=grad_checkpoint or None, precision=precision, max_length=max_length,
-                   max_prompt_length=max_prompt_length, out=out, overwrite=overwrite or None)
+                   max_prompt_length=max_prompt_length, report_to=report_to or None, out=out, overwrite=overwrite or None)
     result = stage.run(method, options, config, workspace())
     emit(result, as_json, lambda r: summary_table(f"align {r['method']} -> models/{r['model']}", {
         k: v for k, v in r.items() if k not in ("model", "method") and not isinstance(v, (dict, list))
@@ -297,6 +299,7 @@ def reward_train(
     precision: Optional[str] = PRECISION_OPT,
     max_length: Optional[int] = MAX_LENGTH_OPT,
     max_prompt_length: Optional[int] = MAX_PROMPT_OPT,
+    report_to: Optional[list[str]] = REPORT_TO_OPT,
     out: Optional[str] = typer.Option(None, "--out", help="Name of the reward model (default: rm)."),
     config: Optional[Path] = CONFIG_OPT,
     overwrite: bool = OVERWRITE_OPT,
@@ -312,7 +315,7 @@ def reward_train(
                        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                        lora_targets=lora_targets.split(",") if lora_targets else None, merge=merge or None,
                        grad_checkpoint=grad_checkpoint or None, precision=precision, max_length=max_length,
-                       max_prompt_length=max_prompt_length, overwrite=overwrite or None)
+                       max_prompt_length=max_prompt_length, report_to=report_to or None, overwrite=overwrite or None)
     result = stage.run(cfg, workspace())
     emit(result, as_json, lambda r: summary_table(f"reward train -> models/{r['model']}", {
         k: v for k, v in r.items() if k != "model" and v is not None

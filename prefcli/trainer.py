@@ -90,6 +90,7 @@ class TrainConfig:
     compile: bool = False
     fsdp: bool = False
     precision: str = "auto"  # auto: bf16 autocast on CUDA only; bf16: on any device; fp32: never
+    report_to: tuple = ()  # trackers mirroring metrics.jsonl (prefcli.report): "tensorboard", "wandb"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -241,6 +242,7 @@ class Trainer:
         if cfg.precision not in ("auto", "fp32", "bf16"):
             raise PrefcliError(f"--precision {cfg.precision}: unknown", "choose auto, fp32 or bf16")
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.reporters = []  # opened when training starts (prefcli.report)
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
             if bf16
@@ -323,6 +325,10 @@ class Trainer:
         tokens, seconds, window = state["tokens"], state["seconds"], state["window"]
         summary = state["summary"]
         clock = time.perf_counter() - seconds  # seconds since the run began, across resumes
+        if cfg.report_to and dist.is_main():
+            from prefcli.report import open_reporters
+
+            self.reporters = open_reporters(list(cfg.report_to), self.run_dir, asdict(cfg))
         with progress(cfg.max_steps, self.desc, unit="step", initial=start) as bar:
             for step in range(start, cfg.max_steps):
                 out = self._step(step)
@@ -345,6 +351,9 @@ class Trainer:
                 if last or (cfg.save_every and done % cfg.save_every == 0):
                     self._save(done, tokens=tokens, seconds=seconds, window=window, summary=summary)
                 bar.update(1)
+        for report in self.reporters:
+            report(None)
+        self.reporters = []
         return summary
 
     def _fresh_start(self) -> dict:
@@ -367,6 +376,8 @@ class Trainer:
         if dist.is_main():
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
+            for report in self.reporters:
+                report(line)
 
     # -- checkpoints ----------------------------------------------------------------------
 

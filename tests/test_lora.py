@@ -229,3 +229,19 @@ def test_import_sft_reward_dpo_chat_eval_with_lora(cli, chat_ws, tmp_path):
     assert r.code == 0, r.stderr
     r = cli("-w", ws, "reward", "score", "--model", "rm", "--prompt", "hi", "--response", "Hello.", "--json")
     assert r.code == 0, r.stderr
+
+
+def test_report_to_tensorboard_mirrors_metrics_jsonl(cli, chat_ws):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ws, files = chat_ws
+    r = cli("-w", ws, "align", "--method", "sft", "--data", files["chats"], "--max-steps", "3", "--batch-size", "4",
+            "--val-fraction", "0", "--report-to", "tensorboard", "--json")
+    assert r.code == 0, r.stderr
+    line = json.loads((ws / "runs/sft/metrics.jsonl").read_text().splitlines()[-1])
+    events = EventAccumulator(str(ws / "runs/sft/tensorboard"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [3] and loss[0].value == pytest.approx(line["loss"], rel=1e-6)
+    r = cli("-w", ws, "align", "--method", "sft", "--data", files["chats"], "--report-to", "mlflow", "--overwrite")
+    assert r.code == 2 and "--report-to mlflow: unknown tracker" in r.stderr

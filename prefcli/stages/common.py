@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from prefcli import distributed as dist
-from prefcli import lora
+from prefcli import lora, report
 from prefcli.errors import PrefcliError
 from prefcli.model import Transformer, load_model, save_model
 from prefcli.tokenizer import Tokenizer, copy_tokenizer_files
@@ -43,6 +43,7 @@ class TrainingOptions:
     device: str = "auto"
     overwrite: bool = False
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16
+    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb: mirror metrics.jsonl
 
 
 @dataclass
@@ -153,6 +154,7 @@ def train_config(cfg, num_examples: int | None = None, default_steps: int = 100)
         max_steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup=cfg.warmup,
         eval_every=cfg.eval_every, save_every=cfg.save_every, seed=cfg.seed, device=cfg.device,
         compile=cfg.compile, fsdp=getattr(cfg, "fsdp", False), precision=getattr(cfg, "precision", "auto"),
+        report_to=tuple(report.check(list(getattr(cfg, "report_to", ()) or ()))),
         weight_decay=getattr(cfg, "weight_decay", 0.1),
     )
 
