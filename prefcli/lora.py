@@ -86,11 +86,13 @@ def has_adapters(model: nn.Module) -> bool:
     return any("lora_A" in m._modules for m in model.modules())
 
 
-def add_adapters(model: nn.Module, spec: LoraSpec, *, trainable_head: str | None = None) -> nn.Module:
+def add_adapters(model: nn.Module, spec: LoraSpec, *, trainable_head: str | None = None, seed: int = 0) -> nn.Module:
     """Freeze every weight, then add fresh trainable adapters to the target projections.
 
     trainable_head: a module name left trainable too ("score": a reward model's head).
+    seed: A's initialisation (a run is repeatable whatever the global RNG did before).
     """
+    g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in target_layers(model, spec.targets).values():
@@ -99,7 +101,10 @@ def add_adapters(model: nn.Module, spec: LoraSpec, *, trainable_head: str | None
         p = layer.weight
         layer.lora_A = nn.Linear(layer.in_features, spec.rank, bias=False).to(device=p.device, dtype=p.dtype)
         layer.lora_B = nn.Linear(spec.rank, layer.out_features, bias=False).to(device=p.device, dtype=p.dtype)
-        nn.init.kaiming_uniform_(layer.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
+        # PEFT's default: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)).
+        bound = 1 / math.sqrt(layer.in_features)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_((torch.rand(layer.lora_A.weight.shape, generator=g) * 2 - 1) * bound)
         nn.init.zeros_(layer.lora_B.weight)  # the adapter starts as the identity change
         layer.lora_scale, layer.lora_dropout, layer.lora_on = spec.scale, spec.dropout, True
     if trainable_head is not None:

@@ -245,3 +245,23 @@ def test_report_to_tensorboard_mirrors_metrics_jsonl(cli, chat_ws):
     assert [e.step for e in loss] == [3] and loss[0].value == pytest.approx(line["loss"], rel=1e-6)
     r = cli("-w", ws, "align", "--method", "sft", "--data", files["chats"], "--report-to", "mlflow", "--overwrite")
     assert r.code == 2 and "--report-to mlflow: unknown tracker" in r.stderr
+
+
+def test_merge_writes_the_plain_model_the_adapter_gives(cli, chat_ws):
+    ws, files = chat_ws
+    args = ["align", "--method", "sft", "--data", files["chats"], "--max-steps", "3", "--batch-size", "4",
+            "--val-fraction", "0", "--lr", "1e-2", "--lora-rank", "4", "--lora-targets", "q_proj,v_proj,down_proj"]
+    assert cli("-w", ws, *args, "--out", "a").code == 0
+    r = cli("-w", ws, *args, "--out", "m", "--merge", "--grad-checkpoint")
+    assert r.code == 0, r.stderr
+    assert (ws / "models/m/model.safetensors").is_file() and not (ws / "models/m/adapter_config.json").exists()
+    targets = json.loads((ws / "models/a/adapter_config.json").read_text())["target_modules"]
+    assert targets == ["down_proj", "q_proj", "v_proj"]
+    ids = torch.tensor([[1, 40, 41, 300, 7, 99]])
+    adapter, merged, base = (load_model(ws / "models" / n)(ids) for n in ("a", "m", "base"))
+    torch.testing.assert_close(merged, adapter, atol=1e-4, rtol=1e-4)
+    assert (adapter - base).abs().max() > 1e-3  # the adapter changed the model
+    r = cli("-w", ws, *args, "--out", "b", "--precision", "bf16", "--json")  # bf16 autocast on CPU runs
+    assert r.code == 0, r.stderr
+    r = cli("-w", ws, *args, "--out", "c", "--lora-targets", "q_proj,attn")
+    assert r.code == 2 and "--lora-targets: unknown layer(s) attn" in r.stderr and not (ws / "models/c").exists()

@@ -233,5 +233,5 @@ def prepare_for_training(model: Transformer, cfg, *, reward: bool = False) -> Tr
     model.grad_checkpoint = bool(getattr(cfg, "grad_checkpoint", False))
     spec = lora.spec_from_config(cfg)
     if spec is not None:
-        lora.add_adapters(model, spec, trainable_head="score" if reward else None)
+        lora.add_adapters(model, spec, trainable_head="score" if reward else None, seed=getattr(cfg, "seed", 0))
     return model
