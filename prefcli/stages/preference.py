@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import save_file
 
 from prefcli import distributed as dist
+from prefcli import lora
 from prefcli.config import to_dict
 from prefcli.data.examples import Encoded, Pair, encode_completion, pad_batch, pair_from_row, prompt_from_row
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.generate import generate
-from prefcli import lora
 from prefcli.model import Transformer, chunked_sequence_logprobs
 from prefcli.objectives.preference import METHODS, chosen_nll_loss, kto_loss, preference_loss
 from prefcli.rewards import build_rewards
@@ -154,16 +154,16 @@ def _encodings(items: list[Item]) -> list[Encoded]:
 
 @torch.no_grad()
 def sequence_logps(model: Transformer, encs: list[Encoded], pad_id: int, batch_size: int, device,
-                   desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   desc: str = "log-probs") -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each sequence's target tokens, and the token counts; no gradients.
 
-    desc: show a progress bar (with ETA) under this name.
+    Shows a progress bar (with ETA) named `desc`.
     """
     from prefcli.progress import progress
 
     logps, counts = [], []
     model.eval()
-    with progress(len(encs), desc or "", unit="seq") if desc else _NoBar() as bar:
+    with progress(len(encs), desc, unit="seq") as bar:
         for i in range(0, len(encs), batch_size):
             b = pad_batch(encs[i : i + batch_size], pad_id)
             ids = b["input_ids"].to(device)
@@ -173,17 +173,6 @@ def sequence_logps(model: Transformer, encs: list[Encoded], pad_id: int, batch_s
             counts.append(n.cpu())
             bar.update(len(ids))
     return torch.cat(logps), torch.cat(counts)
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n):
-        pass
 
 
 def used_items(num_items: int, max_steps: int, batch_size: int, grad_accum: int, seed: int) -> list[int]:
@@ -287,7 +276,7 @@ def pair_accuracy(model: Transformer, ref_model: Transformer | None, items: list
         with lora.adapters_disabled(model):  # LoRA: the starting model is the base with adapters off
             ref_logps = sequence_logps(model, encs, pad, batch, device, desc="held-out reference")[0]
     if needs_reference:
-        ref = ref_logps if ref_logps is not None else sequence_logps(ref_model, encs, pad, batch, device)[0]
+        ref = ref_logps if ref_logps is not None else sequence_logps(ref_model, encs, pad, batch, device, desc="held-out reference")[0]
         margin = (lp[0::2] - ref[0::2]) - (lp[1::2] - ref[1::2])
     else:
         avg = lp / n.clamp(min=1)
