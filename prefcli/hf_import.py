@@ -49,6 +49,7 @@ def import_hf_folder(source: Path, dest: Path) -> dict:
         if f.is_file() and (f.name == "config.json" or f.name in TOKENIZER_FILES
                             or f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json"):
             shutil.copy2(f, dest / f.name)
+    _template_into_config(dest)
     return {"format": "hf_folder", "parameters": sum(p.numel() for p in model.parameters())}
 
 

@@ -105,6 +105,19 @@ def test_import_hf_folder_and_bad_sources(cli, chat_ws, tmp_path):
     r = cli("-w", ws, "import", ws / "models/base", "--name", "copy")
     assert r.code == 2 and "already exists" in r.stderr
     assert cli("-w", ws, "import", ws / "models/base", "--name", "copy", "--overwrite").code == 0
+    # transformers 5 keeps the template in chat_template.jinja: the import moves it into
+    # tokenizer_config.json, which every stage copies into the models it writes.
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(ws / "models/base", hf)
+    (hf / "meta.json").unlink()
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    (hf / "chat_template.jinja").write_text(config.pop("chat_template"))
+    (hf / "tokenizer_config.json").write_text(json.dumps(config))
+    assert cli("-w", ws, "import", hf, "--name", "from-hf").code == 0
+    assert json.loads((ws / "models/from-hf/tokenizer_config.json").read_text())["chat_template"]
+    assert Tokenizer(ws / "models/from-hf").has_chat_template
     before = tree_snapshot(ws)
     for bad, says in ((tmp_path / "nope.gguf", "does not exist"), (tmp_path, "neither a .gguf file nor a model folder")):
         r = cli("-w", ws, "import", bad, "--name", "x")
