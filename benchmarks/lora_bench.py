@@ -71,7 +71,7 @@ def side_prefcli(args) -> dict:
                            batch_size=args.batch_size, lr=args.lr, beta=0.1, warmup=0, save_every=0, eval_every=0,
                            val_fraction=0.0, device="cpu", overwrite=True, lora_rank=args.rank, lora_alpha=2 * args.rank,
                            lora_targets=TARGETS, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                           precision=args.precision)
+                           precision=args.precision, grad_checkpoint=args.grad_checkpoint)
     t = time.perf_counter()
     result = run(cfg, Workspace(ws))
     total = time.perf_counter() - t
@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for both")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="prefcli's --precision (TRL stays float32)")
     ap.add_argument("--sides", default="prefcli,trl", help="which sides to run, comma-separated")
+    ap.add_argument("--grad-checkpoint", action="store_true", help="prefcli's --grad-checkpoint (TRL's stays off)")
     ap.add_argument("--side", choices=("prefcli", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--workspace", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -164,7 +165,7 @@ def main() -> None:
         print(f"imported {smol_gguf().name} in {time.perf_counter() - t:.0f} s")
         model_dir = ws / "models/smol"
     data = pairs_file(tmp, args.steps * args.batch_size)
-    common = ["--precision", args.precision, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
+    common = [*(["--grad-checkpoint"] if args.grad_checkpoint else []), "--precision", args.precision, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
               "--lr", str(args.lr), "--max-length", str(args.max_length), "--max-prompt-length",
               str(args.max_prompt_length), "--threads", str(args.threads), "--data", str(data)]
     sides = args.sides.split(",")

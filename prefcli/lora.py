@@ -105,7 +105,7 @@ def add_adapters(model: nn.Module, spec: LoraSpec, *, trainable_head: str | None
         bound = 1 / math.sqrt(layer.in_features)
         with torch.no_grad():
             layer.lora_A.weight.copy_((torch.rand(layer.lora_A.weight.shape, generator=g) * 2 - 1) * bound)
-        nn.init.zeros_(layer.lora_B.weight)  # the adapter starts as the identity change
+        nn.init.zeros_(layer.lora_B.weight)  # so the adapter starts as no change at all
         layer.lora_scale, layer.lora_dropout, layer.lora_on = spec.scale, spec.dropout, True
     if trainable_head is not None:
         head = model._modules.get(trainable_head)
@@ -141,6 +141,8 @@ class AdaptersOff:
             return self.model(*args, **kwargs)
 
     def __getattr__(self, name):
+        if name == "model":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.model, name)
 
 
