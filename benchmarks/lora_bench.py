@@ -96,7 +96,7 @@ def side_trl(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     cfg = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
                     learning_rate=args.lr, beta=0.1, logging_steps=args.steps, save_strategy="no", report_to=[],
-                    use_cpu=True, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                    use_cpu=True, max_length=args.max_length,
                     dataloader_num_workers=0, precompute_ref_log_probs=True, gradient_checkpointing=False,
                     bf16=False, fp16=False, warmup_steps=0, weight_decay=0.0, disable_tqdm=True, seed=0)
     peft_config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS,
@@ -126,7 +126,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--max-prompt-length", type=int, default=128)
+    ap.add_argument("--max-prompt-length", type=int, default=None,
+                    help="prefcli only (TRL 0.2x's DPOConfig has no max_prompt_length): leave unset for a fair run")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for both")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="prefcli's --precision (TRL stays float32)")
     ap.add_argument("--sides", default="prefcli,trl", help="which sides to run, comma-separated")
@@ -165,12 +166,15 @@ def main() -> None:
         print(f"imported {smol_gguf().name} in {time.perf_counter() - t:.0f} s")
         model_dir = ws / "models/smol"
     data = pairs_file(tmp, args.steps * args.batch_size)
-    common = [*(["--grad-checkpoint"] if args.grad_checkpoint else []), "--precision", args.precision, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
-              "--lr", str(args.lr), "--max-length", str(args.max_length), "--max-prompt-length",
-              str(args.max_prompt_length), "--threads", str(args.threads), "--data", str(data)]
+    common = [*(["--grad-checkpoint"] if args.grad_checkpoint else []),
+              *(["--max-prompt-length", str(args.max_prompt_length)] if args.max_prompt_length else []),
+              "--precision", args.precision, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
+              "--lr", str(args.lr), "--max-length", str(args.max_length), "--threads", str(args.threads), "--data", str(data)]
     sides = args.sides.split(",")
     pairs = args.steps * args.batch_size
     p = run_side("prefcli", args, [*common, "--workspace", str(ws), "--model", str(model_dir)]) if "prefcli" in sides else None
+    if p:
+        print(f"prefcli side: {json.dumps(p)}", flush=True)  # kept even if the TRL side fails
     t = run_side("trl", args, [*common, "--model-dir", str(model_dir)]) if "trl" in sides else None
     if p is None or t is None:
         for name, r in (("prefcli", p), ("trl+peft", t)):
