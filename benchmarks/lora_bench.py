@@ -4,7 +4,7 @@ Both sides train SmolLM2-135M-Instruct (imported once from the GGUF file of the 
 package with `prefcli import`; TRL loads the same HF folder) with LoRA rank 16, alpha 32, no
 dropout, on every linear layer of the blocks (q, k, v, o, gate, up, down), on the same pairs
 (the first steps x batch demo preference pairs), batch, steps, learning rate, beta, max
-length / max prompt length, float32 on CPU and the same torch thread count. The reference is the
+length (TRL 0.2x has no max prompt length), float32 on CPU and the same torch thread count. The reference is the
 base with the adapter switched off on both sides, and its log-probs are computed once before
 training on both sides (TRL: precompute_ref_log_probs=True). TRL's gradient checkpointing and
 bf16 defaults are switched off so both do the same float32 arithmetic.
