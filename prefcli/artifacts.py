@@ -13,6 +13,7 @@ import torch
 
 from prefcli import distributed as dist
 from prefcli.config import option
+from prefcli import lora, report
 from prefcli.errors import PrefcliError
 from prefcli.model import Transformer, save_model
 from prefcli.model_files import load_model_folder
@@ -42,6 +43,31 @@ class TrainingOptions:
     seed: int = option(0, "Random seed.")
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
     overwrite: bool = option(False, "Replace an existing artifact of the same name.")
+    precision: str = option("auto", "Number format of training: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16 (autocast on any device).",
+                            choices=("auto", "fp32", "bf16"))
+    report_to: list[str] = option(factory=list, default_text="none", choices=("tensorboard", "wandb"),
+                                  help="Mirror metrics.jsonl to tensorboard (runs/<out>/tensorboard) or wandb; repeatable.")
+
+
+@dataclass
+class AdapterOptions:
+    """LoRA and memory options of the fine-tuning stages (sft, preference methods, reward train, online RL).
+
+    LoRA (prefcli.lora): rank 0 = full fine-tuning; the result is a PEFT adapter folder unless --merge.
+    """
+
+    lora_rank: int = option(0, "LoRA rank; 0: full fine-tuning. The result is a PEFT adapter folder (unless --merge).", ge=0,
+                            panel="LoRA and memory")
+    lora_alpha: float | None = option(None, "LoRA alpha (the adapter is scaled by alpha / rank).", gt=0,
+                                      default_text="2 x rank", panel="LoRA and memory")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input.", ge=0, lt=1, panel="LoRA and memory")
+    lora_targets: list[str] = option(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                     default_text="all linear layers of the blocks", panel="LoRA and memory",
+                                     choices=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                     help="Projections that get adapters; repeatable.")
+    merge: bool = option(False, "With LoRA: write a plain merged model folder instead of an adapter.", panel="LoRA and memory")
+    grad_checkpoint: bool = option(False, "Recompute each block's activations in the backward pass (less memory, ~30% slower).",
+                                   panel="LoRA and memory")
 
 
 @dataclass
@@ -59,7 +85,12 @@ def load_model_artifact(ws: Workspace, ref: str, option: str, *, kind: str | Non
                         score_head: bool = False, device: str | torch.device = "cpu") -> Loaded:
     """A prefcli model artifact or an HF folder, with the tokenizer it carries."""
     path = ws.resolve("models", ref, option)
-    if not (path / "tokenizer.json").is_file():
+    tok_folder = path
+    if not (path / "tokenizer.json").is_file() and (path / "adapter_config.json").is_file():
+        from prefcli.lora import adapter_base
+
+        tok_folder = adapter_base(path)  # an adapter without tokenizer files: its base's
+    if not (tok_folder / "tokenizer.json").is_file():
         raise PrefcliError(f"{option}: {path} has no tokenizer.json", "a model folder must carry its tokenizer files")
     tok, model = load_model_folder(path, option, device=device, kind=kind, score_head=score_head)  # one line if broken
     return Loaded(model, tok, path, read_meta(path))
@@ -125,7 +156,8 @@ def train_config(cfg, num_examples: int | None = None, default_steps: int = 100)
     return TrainConfig(
         max_steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup=cfg.warmup,
         eval_every=cfg.eval_every, save_every=cfg.save_every, seed=cfg.seed, device=cfg.device,
-        compile=cfg.compile, fsdp=getattr(cfg, "fsdp", False),
+        compile=cfg.compile, fsdp=getattr(cfg, "fsdp", False), precision=getattr(cfg, "precision", "auto"),
+        report_to=tuple(report.check(list(getattr(cfg, "report_to", ()) or ()))),
         weight_decay=getattr(cfg, "weight_decay", 0.1),
     )
 
@@ -142,9 +174,19 @@ def save_model_artifact(ws: Workspace, name: str, model: Transformer, tokenizer_
         return None
     tok = Tokenizer(tokenizer_folder)
     meta_kind = "reward_model" if kind == "reward" else "model"
+    adapter = lora.has_adapters(model) and not config.get("merge")
+    if adapter:  # a PEFT adapter folder on the model the run started from (prefcli.lora)
+        base = Path(getattr(model, "lora_base", None) or tokenizer_folder)
+        parents = [*parents, {**parent_ref("models", base), "role": "adapter_base"}]
+    elif lora.has_adapters(model):
+        lora.merge_adapters(model)
     with ws.create("models", name, stage=stage, config=config, parents=parents, overwrite=overwrite,
                    meta_kind=meta_kind) as art:
-        save_model(model, art.path, kind=kind, generation_config=generation_config(tok))
+        if adapter:
+            lora.save_adapter(model, art.path, base, reward=kind == "reward", dtype=_stored_dtype(model))
+            art.meta["adapter"] = True
+        else:
+            save_model(model, art.path, kind=kind, generation_config=generation_config(tok))
         copy_tokenizer_files(tokenizer_folder, art.path)
         if extra_files is not None:
             extra_files(art.path)
@@ -161,3 +203,17 @@ def sync_token_ids(model: Transformer, tok: Tokenizer) -> None:
     model.config.bos_token_id = tok.bos_id
     model.config.eos_token_id = tok.eos_id
     model.config.pad_token_id = tok.pad_id
+
+
+def _stored_dtype(model: Transformer) -> torch.dtype:
+    """The dtype the model's weights were stored in (adapters are saved in it too)."""
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model.config.dtype or "", torch.float32)
+
+
+def prepare_for_training(model: Transformer, cfg, *, reward: bool = False) -> Transformer:
+    """--grad-checkpoint and LoRA (--lora-rank > 0) on a freshly loaded model (every training stage)."""
+    model.grad_checkpoint = bool(getattr(cfg, "grad_checkpoint", False))
+    spec = lora.spec_from_config(cfg)
+    if spec is not None:
+        lora.add_adapters(model, spec, trainable_head="score" if reward else None, seed=getattr(cfg, "seed", 0))
+    return model

@@ -361,6 +361,24 @@ def ls(
     emit(docs[0] if len(docs) == 1 else docs, as_json, lambda r: [reports.ls_one(doc) for doc in docs])
 
 
+@app.command("import", cls=Command)
+def import_(
+    source: Path = typer.Argument(..., metavar="SOURCE", help="A local HF model folder (config.json + safetensors + tokenizer) or a .gguf file."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model artifact name (default: from the source's name)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model of the same name.", metavar=""),
+    workspace_dir: Optional[Path] = WS_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Bring a local model into the workspace, with lineage and sha256 (a GGUF file is dequantised; it needs the gguf extra).
+
+    Example: prefcli import SmolLM2-135M-Instruct.Q4_1.gguf --name smol
+    """
+    from prefcli.stages import import_model as stage
+
+    result = stage.run(stage.ImportConfig(source=str(source), name=name, overwrite=overwrite), workspace(workspace_dir))
+    emit(result, as_json, lambda r: reports.summary_table(f"import -> models/{r['model']}", r))
+
+
 # ---------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
     """Run one command. Whatever goes wrong ends in one line on stderr: exit 2 for bad input

@@ -19,8 +19,9 @@ import torch.nn as nn
 from prefcli import distributed as dist
 from prefcli.data.examples import Encoded, encode_completion
 from prefcli.generate import generate
-from prefcli.model import Transformer
-from prefcli.objectives.lm import token_logprobs
+from prefcli.model import Transformer, chunked_reply_logprobs
+from prefcli.objectives.lm import selective_logprobs, token_logprobs
+from prefcli.progress import progress
 from prefcli.tokenizer import Tokenizer
 
 LOGIT_BUDGET = 1 << 25  # float32 logits held at once by a teacher-forced pass (~128 MB)
@@ -87,28 +88,36 @@ def reply_logits(model: Transformer, input_ids, attention_mask, start: int) -> t
 def reply_token_logps(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
                       mask: torch.Tensor) -> torch.Tensor:
     """A frozen model's log-probs of the tokens from column `start` of one padded batch [B, T - start],
-    0 where `mask` is 0 (online RL's reference pass over its rollouts)."""
-    logits = reply_logits(model, input_ids, attention_mask, start)
-    return token_logprobs(logits, input_ids[:, start:]) * mask
+    0 where `mask` is 0 (online RL's reference pass over its rollouts); chunked, no full logits."""
+    return chunked_reply_logprobs(model, input_ids, attention_mask, start) * mask
 
 
 @torch.no_grad()
-def token_logps(model: Transformer, sequences: list[list[int]], batch_size: int = 64) -> list[torch.Tensor]:
+def token_logps(model: Transformer, sequences: list[list[int]], batch_size: int = 64,
+                desc: str | None = None) -> list[torch.Tensor]:
     """log p(seq[t] | seq[:t]) for t >= 1 of each sequence ([len - 1] float32 on the CPU), no gradients.
 
-    Sequences run right-padded in batches of similar length, so little is spent on padding.
+    Sequences run right-padded in batches of similar length, so little is spent on padding; the
+    head runs in chunks on the hidden states (no full-vocabulary logits). desc: show progress
+    with an ETA under that name.
     """
     out: list[torch.Tensor] = [torch.zeros(0)] * len(sequences)
     if not sequences:
         return out
     device = device_of(model)
-    for chunk in _sorted_batches([len(s) for s in sequences], batch_size, model.config.vocab_size):
+    bar = progress(len(sequences), desc, unit="seq") if desc else None
+    for chunk in _sorted_batches([len(s) for s in sequences], batch_size):
         ids, mask = _right_padded([sequences[j] for j in chunk], 0)
         ids = ids.to(device)
-        logits = model(ids, attention_mask=None if bool(mask.all()) else mask.to(device))
-        logp = token_logprobs(logits[:, :-1], ids[:, 1:]).float().cpu()  # logp[:, t - 1] is for token t
+        hidden = model(ids, attention_mask=None if bool(mask.all()) else mask.to(device), return_hidden=True)
+        # logp[:, t - 1] is for token t
+        logp = selective_logprobs(hidden[:, :-1], model.lm_head.weight, ids[:, 1:]).float().cpu()
         for r, j in enumerate(chunk):
             out[j] = logp[r, :len(sequences[j]) - 1]
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     return out
 
 
@@ -118,14 +127,15 @@ def teacher_forced_logprobs(model: Transformer, sequences: list[list[int]], star
     return [lp[s - 1:].tolist() for lp, s in zip(token_logps(model, sequences, batch_size), starts)]
 
 
-def sequence_logps(model: Transformer, encs: list[Encoded], pad_id: int, batch_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: Transformer, encs: list[Encoded], pad_id: int, batch_size: int, device=None,
+                   desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each sequence's target tokens (its loss mask), and the token counts; no gradients.
 
     pad_id and device are accepted for the callers' convenience: padding never counts, and
-    the inputs go where the model is.
+    the inputs go where the model is. desc: show progress with an ETA under that name.
     """
     model.eval()
-    per_token = token_logps(model, [e.ids for e in encs], batch_size)
+    per_token = token_logps(model, [e.ids for e in encs], batch_size, desc)
     masks = [torch.tensor(e.mask[1:], dtype=torch.float32) for e in encs]
     logps = torch.stack([(lp * m).sum() for lp, m in zip(per_token, masks)]) if encs else torch.zeros(0)
     counts = torch.tensor([int(m.sum()) for m in masks], dtype=torch.long)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -57,6 +58,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # The weights' dtype on disk ("bfloat16", ...), kept when saved again; storage, not shape (no compare).
+    dtype: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -125,6 +128,7 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
+            dtype=d.get("dtype") or d.get("torch_dtype"),
         )
 
     def to_hf_dict(self, kind: str = "causal_lm") -> dict:
@@ -157,7 +161,7 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "initializer_range": 0.02,
-            "torch_dtype": "float32",
+            "torch_dtype": self.dtype or "float32",
             "use_cache": True,
         }
         if family == "Llama":
@@ -367,6 +371,25 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (torch.softmax(scores, dim=-1) @ v).view(B, H, 1, D)
 
 
+def adapter_term(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor | None:
+    """The LoRA term of one projection (`prefcli.lora`): scale * B(A(dropout(x))); None without one."""
+    A = layer._modules.get("lora_A")
+    if A is None or not layer.lora_on:
+        return None
+    if layer.lora_dropout and layer.training:
+        x = F.dropout(x, layer.lora_dropout, training=True)
+    return F.linear(F.linear(x, A.weight), layer.lora_B.weight) * layer.lora_scale
+
+
+def adapter_terms(x: torch.Tensor, layers) -> torch.Tensor | None:
+    """LoRA terms of several projections of x, stacked like their outputs (zeros where a layer has none)."""
+    terms = [adapter_term(x, layer) for layer in layers]
+    if all(t is None for t in terms):
+        return None
+    return torch.cat([t if t is not None else x.new_zeros(*x.shape[:-1], layer.out_features)
+                      for t, layer in zip(terms, layers)], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -383,7 +406,11 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv
         weight, bias = self.fused or concat_linears(self.q_proj, self.k_proj, self.v_proj)
-        qkv = F.linear(x, weight, bias).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)
+        qkv = F.linear(x, weight, bias)
+        lora = adapter_terms(x, (self.q_proj, self.k_proj, self.v_proj))
+        if lora is not None:
+            qkv = qkv + lora
+        qkv = qkv.view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)
         qk, v = qkv[:, :H + KV], qkv[:, H + KV:]
         qk = qk * cos + rotate_half(qk) * sin  # RoPE on queries and keys at once
         q, k = qk[:, :H], qk[:, H:]
@@ -400,7 +427,10 @@ class Attention(nn.Module):
                 k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
             gqa = {"enable_gqa": True} if KV != H and _SDPA_HAS_GQA else {}
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
-        return F.linear(y.transpose(1, 2).reshape(B, T, H * self.head_dim), self.o_proj.weight)
+        y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)
+        out = F.linear(y, self.o_proj.weight)
+        lora = adapter_term(y, self.o_proj)
+        return out if lora is None else out + lora
 
 
 class MLP(nn.Module):
@@ -415,8 +445,15 @@ class MLP(nn.Module):
 
     def forward(self, x):
         weight, _ = self.fused or concat_linears(self.gate_proj, self.up_proj)
-        gate, up = F.linear(x, weight).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+        gate_up = F.linear(x, weight)
+        lora = adapter_terms(x, (self.gate_proj, self.up_proj))
+        if lora is not None:
+            gate_up = gate_up + lora
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        out = F.linear(h, self.down_proj.weight)
+        lora = adapter_term(h, self.down_proj)
+        return out if lora is None else out + lora
 
 
 class Block(nn.Module):
@@ -448,7 +485,8 @@ def fused_projections(model: "Transformer"):
 
     Token-by-token decoding is dominated by per-call overhead, so this matters there; the
     weights must not change inside the block (the copies would go stale). Costs one extra
-    copy of those weights while active. Re-entrant.
+    copy of those weights while active. Re-entrant. LoRA adapters stay separate: their
+    terms are added after the fused matmul, so fusing and adapters do not interfere.
     """
     blocks = list(model.model.layers)
     if not blocks or blocks[0].self_attn.fused is not None:
@@ -488,6 +526,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # RoPE cos/sin tables per device, float32 and outside the state dict (so .to(dtype) keeps them exact).
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.grad_checkpoint = False  # activation checkpointing per block while training (--grad-checkpoint)
 
     @staticmethod
     def _init_weights(module):
@@ -601,8 +640,12 @@ class Transformer(nn.Module):
         pos, mask, is_causal = self._positions_and_mask(input_ids, attention_mask, position_ids,
                                                         document_ids, kv_cache)
         cos, sin = self._rope(pos, start, T, limit, x.device, x.dtype)
+        checkpointed = self.grad_checkpoint and self.training and torch.is_grad_enabled() and kv_cache is None
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, is_causal, kv_cache)
+            if checkpointed:  # keep only each block's input; recompute its insides in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, is_causal, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.length += input_ids.shape[1]
         x = self.model.norm(x)
@@ -636,6 +679,51 @@ class Transformer(nn.Module):
         return values[torch.arange(values.shape[0], device=values.device), last]
 
 
+# ----------------------------------------------------------------------------- log-probs without full logits
+
+def _bare(model: nn.Module) -> nn.Module:
+    """The Transformer under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def chunked_sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                              loss_mask: torch.Tensor | None = None,
+                              document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """objectives.lm.sequence_logprobs of the model's next-token predictions, never holding
+    full-vocabulary logits: the head runs chunk by chunk on the counted positions only.
+
+    model may be wrapped (DDP, compiled): the forward goes through the wrapper.
+    -> (summed log-prob of the counted tokens [B] float32, their count [B]).
+    """
+    from prefcli.objectives.lm import sequence_logprobs_from_hidden
+
+    hidden = model(input_ids, attention_mask=attention_mask, document_ids=document_ids, return_hidden=True)
+    return sequence_logprobs_from_hidden(hidden, _bare(model).lm_head.weight, input_ids, loss_mask)
+
+
+def chunked_lm_loss(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                    loss_mask: torch.Tensor | None = None,
+                    document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """objectives.lm.lm_loss of the model on these tokens, chunked (see chunked_sequence_logprobs)."""
+    sums, counts = chunked_sequence_logprobs(model, input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
+                                             document_ids=document_ids)
+    n_tokens = counts.sum()
+    return -sums.sum() / n_tokens.clamp(min=1), n_tokens
+
+
+def chunked_reply_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                           start: int) -> torch.Tensor:
+    """log p of every token from column `start` on, [B, T - start] float32, chunked (online RL's replies)."""
+    from prefcli.objectives.lm import selective_logprobs
+
+    hidden = model(input_ids, attention_mask=attention_mask, return_hidden=True)[:, start - 1:-1]
+    return selective_logprobs(hidden, _bare(model).lm_head.weight, input_ids[:, start:])
+
+
 # ----------------------------------------------------------------------------- save / load
 
 def save_model(model: Transformer, folder: str | Path, kind: str = "causal_lm",
@@ -651,16 +739,21 @@ def save_model(model: Transformer, folder: str | Path, kind: str = "causal_lm",
     if kind == "reward" and model.score_head is None:
         raise ValueError("a reward folder needs a model with a score head")
     config = model.config
+    if any(".lora_" in name for name in model.state_dict()):
+        raise ValueError("the model has LoRA adapters: save them with prefcli.lora.save_adapter or merge them first")
+    # Weights keep the dtype they were loaded with (a bf16 checkpoint stays bf16), whatever they trained in.
+    store = getattr(torch, config.dtype, None) if config.dtype in ("float32", "bfloat16", "float16") else None
     tensors = {}
     for name, t in model.state_dict().items():
         if name.startswith("lm_head.") and (kind == "reward" or config.tie_word_embeddings):
             continue
         if name.startswith("score.") and kind == "causal_lm":
             continue
-        tensors[name] = t.detach().to("cpu").contiguous()
+        t = t.detach().to("cpu")
+        tensors[name] = (t.to(store) if store is not None and t.is_floating_point() else t).contiguous()
     folder.mkdir(parents=True, exist_ok=True)
     hf = config.to_hf_dict(kind)
-    hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    hf["torch_dtype"] = hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
@@ -706,6 +799,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     reward or value model on that backbone).
     """
     folder = Path(folder)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").exists():
+        return _load_adapter_model(folder, device, dtype, kind, score_head)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise PrefcliError(f"{folder}: no config.json", "is this a model folder?")
@@ -746,4 +841,22 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
         if t.shape != want:
             raise PrefcliError(f"{folder}: {name} has shape {tuple(t.shape)}, config.json implies {tuple(want)}")
     model.load_state_dict(tensors, strict=False)
+    return model.to(device=device, dtype=dtype)
+
+
+def _load_adapter_model(folder: Path, device, dtype, kind: str | None, score_head: bool) -> Transformer:
+    """A PEFT LoRA adapter folder as a model: its base (lineage, else adapter_config.json) with the
+    adapter merged in (decoding runs at full speed; the adapter is remembered for stacking)."""
+    from prefcli import lora
+
+    cfg = lora.read_adapter_config(folder)
+    found = "reward" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
+    if kind is not None and kind != found:
+        raise PrefcliError(f"{folder}: holds a {found} adapter, not a {kind} model", "pick a model of the right kind")
+    base = lora.adapter_base(folder)
+    model = load_model(base, device="cpu", dtype=torch.float32, score_head=score_head or found == "reward")
+    if found == "reward":
+        model.lm_head = None
+    lora.apply_adapter(model, folder, remember=True)
+    model.lora_base = getattr(model, "lora_base", base)
     return model.to(device=device, dtype=dtype)

@@ -95,6 +95,8 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     fsdp: bool = False
+    precision: str = "auto"  # auto: bf16 autocast on CUDA only; bf16: on any device; fp32: never
+    report_to: tuple = ()  # trackers mirroring metrics.jsonl (prefcli.report): "tensorboard", "wandb"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -243,9 +245,13 @@ class Trainer:
             self.ddp = trained = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.trained = torch.compile(trained) if cfg.compile else trained
+        if cfg.precision not in ("auto", "fp32", "bf16"):
+            raise PrefcliError(f"--precision {cfg.precision}: unknown", "choose auto, fp32 or bf16")
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.reporters = []  # opened when training starts (prefcli.report)
         self.autocast = (
-            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-            if self.device.type == "cuda"
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if bf16
             else contextlib.nullcontext
         )
 
@@ -325,6 +331,10 @@ class Trainer:
         tokens, seconds, window = state["tokens"], state["seconds"], state["window"]
         summary = state["summary"]
         clock = time.perf_counter() - seconds  # seconds since the run began, across resumes
+        if cfg.report_to and dist.is_main():
+            from prefcli.report import open_reporters
+
+            self.reporters = open_reporters(list(cfg.report_to), self.run_dir, asdict(cfg))
         with progress(cfg.max_steps, self.desc, unit="step", initial=start) as bar:
             for step in range(start, cfg.max_steps):
                 position.update(run_dir=self.run_dir, step=step)
@@ -372,6 +382,8 @@ class Trainer:
         if dist.is_main():
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
+            for report in self.reporters:
+                report(line)
 
     # -- checkpoints ----------------------------------------------------------------------
 

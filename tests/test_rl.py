@@ -340,3 +340,24 @@ def test_torchrun_two_ranks_sample_their_own_prompts(ws, tmp_path):
     assert all(len(set(p)) == 2 for rank in steps for p in rank)
     assert not set(steps[0][0]) & set(steps[1][0]) and steps[0][1] != steps[1][1]
     assert (ws / "models/grpo/model.safetensors").is_file()
+
+
+def test_grpo_and_ppo_with_lora_use_the_base_as_reference_and_save_adapters(cli, ws):
+    from prefcli import lora
+
+    prompts = ws.parent / "prompts.jsonl"
+    r = cli("-w", ws, "align", "--method", "grpo", "--reward-fn", "demo", "--prompts", prompts, *FAST,
+            "--lora-rank", "4", "--lr", "1e-2", "--json")
+    assert r.code == 0, r.stderr
+    out = r.json()
+    assert out["parameters"]["reference"] == 0  # no second copy: the policy with adapters off
+    assert lora.is_adapter_folder(ws / "models/grpo")
+    assert abs(metric_lines(ws, "grpo")[0]["kl"]) < 1e-3  # the first rollouts: policy = reference = sft
+    r = cli("-w", ws, "align", "--method", "ppo", "--reward-model", "rm", "--prompts", prompts, *FAST[:2],
+            "--batch-size", "4", "--max-steps", "2", "--device", "cpu", "--lora-rank", "4", "--json")
+    assert r.code == 0, r.stderr
+    value = json.loads((ws / "models/ppo-value/adapter_config.json").read_text())
+    assert value["task_type"] == "SEQ_CLS" and value["modules_to_save"] == ["score"]
+    for name in ("ppo", "ppo-value"):  # both adapters trained (B starts at zero)
+        adapter = load_file(ws / "models" / name / "adapter_model.safetensors")
+        assert any(k.endswith("lora_B.weight") and bool(t.abs().sum() > 0) for k, t in adapter.items()), name

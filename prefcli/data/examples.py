@@ -131,17 +131,23 @@ def encode_chat(tok: Tokenizer, messages: list[dict], max_len: int, train_on_pro
     return Encoded(ids[:max_len], mask[:max_len], 0, truncated)
 
 
-def encode_completion(tok: Tokenizer, prompt: list[dict], reply: list[dict], max_len: int) -> Encoded:
+def encode_completion(tok: Tokenizer, prompt: list[dict], reply: list[dict], max_len: int,
+                      max_prompt_len: int | None = None) -> Encoded:
     """Prompt + reply with the loss on the reply's assistant tokens only.
 
-    Too long: the prompt loses its oldest tokens first (keeping at least half the
-    budget for it when the reply is long), then the reply is cut at the end.
+    A prompt longer than max_prompt_len keeps its last max_prompt_len tokens (TRL's
+    --max-prompt-length). Too long in all: the prompt loses its oldest tokens first
+    (keeping at least half the budget for it when the reply is long), then the reply is
+    cut at the end.
     """
     full, mask = tok.chat_ids_with_mask(prompt + reply)
     p_len = len(tok.chat_ids(prompt, add_generation_prompt=True))
     mask = [0] * p_len + mask[p_len:]
+    cut = max(0, p_len - max_prompt_len) if max_prompt_len else 0
+    if cut:
+        full, mask, p_len = full[cut:], mask[cut:], p_len - cut
     if len(full) <= max_len:
-        return Encoded(full, mask, p_len)
+        return Encoded(full, mask, p_len, cut > 0)
     reply_len = len(full) - p_len
     keep_prompt = max(min(p_len, max_len - reply_len), min(p_len, max_len // 2))
     start = p_len - keep_prompt

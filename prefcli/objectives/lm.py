@@ -60,3 +60,87 @@ def lm_loss(
     sum_logps, counts = sequence_logprobs(logits, input_ids, loss_mask)
     n_tokens = counts.sum()
     return -sum_logps.sum() / n_tokens.clamp(min=1), n_tokens
+
+
+# ----------------------------------------------------------------------------- chunked, from hidden states
+
+CHUNK_TOKENS = 1024  # positions per chunk: the float32 logits alive at once are [CHUNK_TOKENS, vocab]
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    dev = hidden.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(h W^T)[target] per position, chunk by chunk, recomputing the logits in backward.
+
+    Neither pass keeps more than one chunk of logits: the backward of a [N, V] log-softmax
+    would otherwise hold the whole float32 [N, V] matrix (GBs for a 49k vocabulary).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, dtype):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        w = weight.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk):
+                logits = (hidden[s:s + chunk].to(dtype) @ w.T).float()
+                out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - logits.logsumexp(-1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        w = weight.to(ctx.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                h = hidden[s:s + ctx.chunk].to(ctx.dtype)
+                logits = (h @ w.T).float()
+                g = grad_out[s:s + ctx.chunk].float()
+                # d/dlogits of (logit[target] - logsumexp) = onehot(target) - softmax
+                grad_logits = torch.softmax(logits, -1).mul_(-g[:, None])
+                grad_logits.scatter_add_(1, targets[s:s + ctx.chunk, None], g[:, None])
+                if need_h:
+                    grad_h[s:s + ctx.chunk] = (grad_logits.to(ctx.dtype) @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w += grad_logits.T @ h.float()
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+
+
+def selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk_tokens: int | None = None) -> torch.Tensor:
+    """log p(targets | hidden) through the head `weight` [V, H], float32, without full logits.
+
+    hidden [..., H] (a model's final normed hidden states, `model(ids, return_hidden=True)`),
+    targets [...] -> [...]. Equal to token_logprobs(hidden @ weight.T, targets), gradients
+    included, in a fraction of the memory. Under autocast the matmuls run in its dtype.
+    """
+    shape = targets.shape
+    out = _SelectiveLogSoftmax.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                     chunk_tokens or CHUNK_TOKENS, _compute_dtype(hidden))
+    return out.view(shape)
+
+
+def sequence_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                                  loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logprobs computed from hidden states and the head's weight, chunked (same shift)."""
+    targets, mask = _shifted(input_ids, loss_mask)
+    keep = mask.bool()  # only counted positions go through the head (prompt tokens cost nothing)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(keep)[keep]
+    per_token = selective_logprobs(hidden[keep], weight, targets[keep])
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, per_token)
+    return sums, mask.sum(dim=1).long()
+
+
+def lm_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                        loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """lm_loss computed from hidden states and the head's weight, chunked (same definition)."""
+    sum_logps, counts = sequence_logprobs_from_hidden(hidden, weight, input_ids, loss_mask)
+    n_tokens = counts.sum()
+    return -sum_logps.sum() / n_tokens.clamp(min=1), n_tokens

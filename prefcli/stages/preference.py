@@ -19,8 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 from prefcli import distributed as dist
+from prefcli import lora
 from prefcli.config import to_dict
-from prefcli.artifacts import TrainingOptions, load_model_artifact, prepare_run, save_model_artifact, train_config
+from prefcli.artifacts import (AdapterOptions, TrainingOptions, load_model_artifact, note, prepare_for_training, prepare_run,
+                               save_model_artifact, train_config)
 from prefcli.data import sources
 from prefcli.config import option
 from prefcli.data.examples import Encoded, Pair, encode_completion, pad_batch, pair_from_row, prompt_from_row
@@ -28,10 +30,12 @@ from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.inference import in_length_groups, length_groups, sample_ids, sequence_logps
 from prefcli.model import Transformer
-from prefcli.objectives.lm import sequence_logprobs
 from prefcli.objectives.preference import METHODS, chosen_nll_loss, kto_loss, preference_loss
 from prefcli.rewards import build_rewards
 from prefcli.tokenizer import Tokenizer, same_tokenizer
+from prefcli.generate import generate
+from prefcli.model import Transformer, chunked_sequence_logprobs
+from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace
 
@@ -42,7 +46,7 @@ def _method_defaults(option_name: str) -> str:
 
 
 @dataclass
-class PreferenceConfig(TrainingOptions):
+class PreferenceConfig(TrainingOptions, AdapterOptions):
     method: str = "dpo"
     data: list[str] = option(factory=list, default_text="the method's built-in demo data",  # empty: the demo pairs
                              help="Training data files, folders or globs; repeatable.")
@@ -73,6 +77,10 @@ class PreferenceConfig(TrainingOptions):
     temperature: float = option(1.0, "Sampling temperature for on-policy samples.", ge=0)
     max_tokens: int = option(64, "Longest sampled reply in tokens.", ge=1)
     val_fraction: float = option(0.05, "Share of the data held out for validation.", ge=0, lt=1)
+    max_length: int | None = option(None, "Tokens per prompt + reply; longer rows are cut (and counted).", ge=2,
+                                    default_text="the model's context", panel="LoRA and memory")
+    max_prompt_length: int | None = option(None, "Prompt tokens kept (its last ones).", ge=1, default_text="no limit",
+                                           panel="LoRA and memory")
     lr: float = 5e-4  # measured on the demo with --rpo-alpha 1: win rate over sft 0.66 at 1e-4/120 steps, 0.77 at 5e-4/300
     eval_every: int = 0
 
@@ -113,11 +121,11 @@ def read_items(cfg: PreferenceConfig, tok: Tokenizer, context: int) -> tuple[lis
     paired = METHODS[cfg.method].paired
     if sources.use_demo(cfg.data):
         pairs, inputs = sources.pairs(cfg.data, "train")
-        return items_from_pairs(pairs, tok, context, paired), inputs
+        return items_from_pairs(pairs, tok, context, paired, cfg.max_prompt_length), inputs
     rows = read_rows(cfg.data, option="--data")
     inputs = sources.file_inputs(cfg.data)
     if all("chosen" in r and "rejected" in r for r in rows):
-        return items_from_pairs([pair_from_row(r) for r in rows], tok, context, paired), inputs
+        return items_from_pairs([pair_from_row(r) for r in rows], tok, context, paired, cfg.max_prompt_length), inputs
     if paired:
         bad = next(r for r in rows if "chosen" not in r or "rejected" not in r)
         raise PrefcliError(f"{bad['_source']}: --method {cfg.method} needs 'chosen' and 'rejected'",
@@ -128,31 +136,35 @@ def read_items(cfg: PreferenceConfig, tok: Tokenizer, context: int) -> tuple[lis
             raise PrefcliError(f"{r['_source']}: KTO rows need 'prompt', 'completion' and a true/false 'label'", "fix the row")
         prompt = prompt_from_row(r)
         reply = [{"role": "assistant", "content": r["completion"]}] if isinstance(r["completion"], str) else r["completion"]
-        items.append(Item(encode_completion(tok, prompt, reply, context), desirable=r["label"]))
-    _add_kl_examples(items, tok, context, [prompt_from_row(r) for r in rows],
+        items.append(Item(encode_completion(tok, prompt, reply, context, cfg.max_prompt_length), desirable=r["label"]))
+    _add_kl_examples(items, tok, (context, cfg.max_prompt_length), [prompt_from_row(r) for r in rows],
                      [[{"role": "assistant", "content": r["completion"]}] if isinstance(r["completion"], str) else r["completion"] for r in rows])
     return items, inputs
 
 
-def items_from_pairs(pairs: list[Pair], tok: Tokenizer, context: int, paired: bool) -> list[Item]:
+def items_from_pairs(pairs: list[Pair], tok: Tokenizer, context: int, paired: bool,
+                     max_prompt_len: int | None = None) -> list[Item]:
     if paired:
-        return [Item(encode_completion(tok, p.prompt, p.chosen, context), encode_completion(tok, p.prompt, p.rejected, context)) for p in pairs]
+        return [Item(encode_completion(tok, p.prompt, p.chosen, context, max_prompt_len),
+                     encode_completion(tok, p.prompt, p.rejected, context, max_prompt_len)) for p in pairs]
     # KTO on paired data: each pair gives one desirable and one undesirable reply.
     items, prompts, replies = [], [], []
     for p in pairs:
         for reply, good in ((p.chosen, True), (p.rejected, False)):
-            items.append(Item(encode_completion(tok, p.prompt, reply, context), desirable=good))
+            items.append(Item(encode_completion(tok, p.prompt, reply, context, max_prompt_len), desirable=good))
             prompts.append(p.prompt)
             replies.append(reply)
-    _add_kl_examples(items, tok, context, prompts, replies)
+    _add_kl_examples(items, tok, (context, max_prompt_len), prompts, replies)
     return items
 
 
-def _add_kl_examples(items: list[Item], tok: Tokenizer, context: int, prompts, replies) -> None:
-    """KTO's KL estimate uses mismatched examples: prompt i with the reply of example i+1."""
+def _add_kl_examples(items: list[Item], tok: Tokenizer, limits: tuple[int, int | None], prompts, replies) -> None:
+    """KTO's KL estimate uses mismatched examples: prompt i with the reply of example i+1.
+
+    limits: (max length, max prompt length) of encode_completion."""
     n = len(items)
     for i, item in enumerate(items):
-        item.kl = encode_completion(tok, prompts[i], replies[(i + 1) % n], context)
+        item.kl = encode_completion(tok, prompts[i], replies[(i + 1) % n], *limits)
 
 
 # ---------------------------------------------------------------- log-probs
@@ -165,8 +177,26 @@ def _encodings(items: list[Item]) -> list[Encoded]:
     return out
 
 
-def reference_logps(model: Transformer, items: list[Item], pad_id: int, batch_size: int, device, cache: Path) -> torch.Tensor:
-    """Reference log-probs [2N] (chosen, rejected/kl per item), cached in the run folder."""
+def used_items(num_items: int, max_steps: int, batch_size: int, grad_accum: int, seed: int) -> list[int]:
+    """The item indices this rank's training run will draw (a 4-step run needs no more than 4 batches)."""
+    from prefcli.distributed import batch_indices
+
+    return sorted({i for step in range(max_steps) for micro in range(grad_accum)
+                   for i in batch_indices(step, micro, batch_size, grad_accum, num_items, seed=seed)})
+
+
+def reference_logps(model: Transformer, items: list[Item], pad_id: int, batch_size: int, device, cache: Path,
+                    used: list[int] | None = None) -> torch.Tensor:
+    """Reference log-probs [2N] (chosen, rejected/kl per item), cached in the run folder.
+
+    used: only these items are scored (the others stay NaN): what the run will train on.
+    """
+    if used is not None and len(used) < len(items):
+        part = reference_logps(model, [items[i] for i in used], pad_id, batch_size, device, cache)
+        full = torch.full((2 * len(items),), float("nan"))
+        idx = torch.tensor(used)
+        full[2 * idx], full[2 * idx + 1] = part[0::2], part[1::2]
+        return full
     encs = _encodings(items)
     h = hashlib.sha256()
     for e in encs:
@@ -178,7 +208,7 @@ def reference_logps(model: Transformer, items: list[Item], pad_id: int, batch_si
         with safe_open(str(cache), framework="pt") as f:
             if (f.metadata() or {}).get("fingerprint") == fingerprint:
                 return f.get_tensor("logps")
-    logps, _ = sequence_logps(model, encs, pad_id, batch_size, device)
+    logps, _ = sequence_logps(model, encs, pad_id, batch_size, device, desc="reference log-probs")
     if dist.is_main():
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
@@ -230,9 +260,12 @@ def pair_accuracy(model: Transformer, ref_model: Transformer | None, items: list
     if not items:
         return float("nan")
     encs = _encodings(items)
-    lp, n = sequence_logps(model, encs, pad, batch, device)
+    lp, n = sequence_logps(model, encs, pad, batch, device, desc="held-out accuracy")
+    if needs_reference and ref_logps is None and lora.has_adapters(model) and ref_model is None:
+        with lora.adapters_disabled(model):  # LoRA: the starting model is the base with adapters off
+            ref_logps = sequence_logps(model, encs, pad, batch, device, desc="held-out reference")[0]
     if needs_reference:
-        ref = ref_logps if ref_logps is not None else sequence_logps(ref_model, encs, pad, batch, device)[0]
+        ref = ref_logps if ref_logps is not None else sequence_logps(ref_model, encs, pad, batch, device, desc="held-out reference")[0]
         margin = (lp[0::2] - ref[0::2]) - (lp[1::2] - ref[1::2])
     else:
         avg = lp / n.clamp(min=1)
@@ -254,10 +287,10 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
     if cfg.pairs_from_policy == 1:
         raise PrefcliError("--pairs-from-policy 1: a pair needs at least 2 samples per prompt", "use 4 or more")
     policy = load_model_artifact(ws, cfg.policy, "--policy", kind="causal_lm")
-    model, tok = policy.model, policy.tokenizer
+    model, tok = prepare_for_training(policy.model, cfg), policy.tokenizer
     if not tok.has_chat_template:
         raise PrefcliError(f"--policy: {policy.path} has no chat template", "align an SFT model (prefcli align --method sft)")
-    context = model.config.max_position_embeddings
+    context = min(model.config.max_position_embeddings, cfg.max_length or model.config.max_position_embeddings)
     parents = [policy.parent()]
     rewards = None
     if cfg.pairs_from_policy:
@@ -291,17 +324,20 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
             if not pairs:
                 raise PrefcliError("--pairs-from-policy: every prompt's samples scored the same; no pair to learn from",
                                    "sample more replies per prompt, raise --temperature, or use another judge")
-            items = items_from_pairs(pairs, tok, context, spec.paired)
+            items = items_from_pairs(pairs, tok, context, spec.paired, cfg.max_prompt_length)
         # The demo pairs have their own held-out split (reported below); other data gives up a share.
         on_demo = sources.use_demo(cfg.data) and not cfg.pairs_from_policy
         train, val = sources.split_val(items, 0.0 if on_demo else cfg.val_fraction, cfg.seed)
         ref_logps = None
+        tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
         if spec.needs_reference:
             ref = (ref_model or model).to(device)
-            ref_logps = reference_logps(ref, train, tok.pad_id, cfg.batch_size, device, run_dir / "reference_logps.safetensors")
+            used = used_items(len(train), tcfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.seed)
+            with lora.adapters_disabled(ref):  # with LoRA the reference is the base: adapters off
+                ref_logps = reference_logps(ref, train, tok.pad_id, cfg.batch_size, device,
+                                            run_dir / "reference_logps.safetensors", used)
         if ref_model is not None:
             ref_model.cpu()  # off the device while the policy trains
-        tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
         trainer = Trainer(model, _loss_fn(cfg, spec, beta, opts, train, ref_logps, tok.pad_id, lambda: trainer.device),
                           _batches(cfg, train), tcfg, run_dir, desc=f"{cfg.method} {out}" + (f" round {rnd}" if cfg.rounds > 1 else ""))
         resume_round = cfg.resume and bool(_checkpoints(run_dir))
@@ -310,7 +346,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
     device = trainer.device
     heldout = _heldout_items(cfg, tok, context, val)
     start = None
-    if spec.needs_reference:  # implicit rewards are log-ratios against the starting weights
+    if spec.needs_reference and not lora.has_adapters(model):  # implicit rewards: log-ratios against the start
         start = (ref_model or load_model_artifact(ws, cfg.policy, "--policy", kind="causal_lm").model).to(device)
     acc = pair_accuracy(model, start, heldout, tok.pad_id, cfg.batch_size, device, spec.needs_reference)
     del start
@@ -319,6 +355,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
         "heldout_accuracy": acc,
         "heldout_pairs": len(heldout),
         "pairs": len(train),
+        "truncated": truncated,
         "steps": summary.get("steps"),
         **{k: round(v, 4) for k, v in summary.items() if k.startswith(("rewards/", "logps/"))},
     }
@@ -390,7 +427,7 @@ def _loss_fn(cfg: PreferenceConfig, spec, beta: float, opts: dict, train: list[I
 
         def logps(rows, width):
             x = ids[rows, :width]
-            return sequence_logprobs(model(x, attention_mask=attn[rows, :width]), x, loss_mask[rows, :width])
+            return chunked_sequence_logprobs(model, x, attention_mask=attn[rows, :width], loss_mask=loss_mask[rows, :width])
 
         lp, n = in_length_groups(logps, attn, length_groups())
         k = len(items)

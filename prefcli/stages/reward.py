@@ -17,7 +17,8 @@ import torch
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
-from prefcli.artifacts import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
+from prefcli.artifacts import (AdapterOptions, TrainingOptions, load_model_artifact, note, prepare_for_training, prepare_run,
+                               save_model_artifact, train_config)
 from prefcli.data import sources
 from prefcli.data.examples import Pair, encode_completion, pad_batch, pair_from_row, prompt_from_row
 from prefcli.data.readers import read_rows
@@ -32,14 +33,20 @@ from prefcli.workspace import Workspace, check_output_file
 
 
 @dataclass
-class RewardConfig(TrainingOptions):
+class RewardConfig(TrainingOptions, AdapterOptions):
     data: list[str] = option(factory=list, default_text="the built-in demo pairs",  # empty: the built-in demo pairs
                              help="Preference pairs (prompt/chosen/rejected[/margin], strings or message lists; .jsonl/.json/.parquet); repeatable.")
     base: str | None = option(None, "Backbone.", default_text="sft if it exists, else base")
     out: str = option("rm", "Name of the reward model.")
     center_rewards: float = option(0.0, "Coefficient of the reward-centering term mean((r_c + r_r)^2).", ge=0)
     val_fraction: float = option(0.05, "Share of pairs held out for validation.", ge=0, lt=1)
+    max_length: int | None = option(None, "Tokens per prompt + reply; longer pairs are cut (and counted).", ge=2,
+                                    default_text="the model's context", panel="LoRA and memory")
+    max_prompt_length: int | None = option(None, "Prompt tokens kept (its last ones).", ge=1, default_text="no limit",
+                                           panel="LoRA and memory")
     lr: float = 5e-4
+    max_length: int | None = None  # tokens per prompt + reply (None: the model's context)
+    max_prompt_length: int | None = None  # prompt tokens kept (its last ones)
 
 
 # ~3.4 passes over the 24,000 demo reward pairs at batch 32: judging correctness (a sum, a fact,
@@ -48,12 +55,13 @@ class RewardConfig(TrainingOptions):
 DEFAULT_STEPS = 2400
 
 
-def encode_pairs(tok: Tokenizer, pairs: list[Pair], max_len: int) -> tuple[list[tuple], int]:
+def encode_pairs(tok: Tokenizer, pairs: list[Pair], max_len: int,
+                 max_prompt_len: int | None = None) -> tuple[list[tuple], int]:
     """(chosen, rejected) encodings per pair, and how many were truncated."""
     out, truncated = [], 0
     for p in pairs:
-        c = encode_completion(tok, p.prompt, p.chosen, max_len)
-        r = encode_completion(tok, p.prompt, p.rejected, max_len)
+        c = encode_completion(tok, p.prompt, p.chosen, max_len, max_prompt_len)
+        r = encode_completion(tok, p.prompt, p.rejected, max_len, max_prompt_len)
         truncated += c.truncated or r.truncated
         out.append((c, r, p.margin))
     return out, truncated
@@ -85,8 +93,9 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
     model, tok = base.model, base.tokenizer
     if model.lm_head is not None:
         model.lm_head = None  # a reward model has no next-token head
-    context = model.config.max_position_embeddings
-    encoded, truncated = encode_pairs(tok, pairs, context)
+    model = prepare_for_training(model, cfg, reward=True)
+    context = min(model.config.max_position_embeddings, cfg.max_length or model.config.max_position_embeddings)
+    encoded, truncated = encode_pairs(tok, pairs, context, cfg.max_prompt_length)
     if truncated:
         note(f"warning: {truncated} of {len(pairs)} pairs are longer than the context ({context} tokens) and were truncated")
     train, val = sources.split_val(encoded, cfg.val_fraction, cfg.seed)

@@ -39,8 +39,9 @@ import torch
 import torch.nn as nn
 
 from prefcli import distributed as dist
+from prefcli import lora
 from prefcli.config import to_dict
-from prefcli.artifacts import load_model_artifact, note, prepare_run, save_model_artifact
+from prefcli.artifacts import AdapterOptions, load_model_artifact, note, prepare_for_training, prepare_run, save_model_artifact
 from prefcli.data import sources
 from prefcli.config import option
 from prefcli.data.examples import prompt_from_row
@@ -83,7 +84,7 @@ _PPO = "ppo: "
 
 
 @dataclass
-class RLConfig:
+class RLConfig(AdapterOptions):
     method: str = "grpo"
     policy: str = option("sft", "Model to start from.")
     reference: str | None = option(None, "Reference model.", default_text="the policy's starting weights")
@@ -283,7 +284,7 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
     cfg = resolve(cfg)
     out = cfg.out or cfg.method
     policy = load_model_artifact(ws, cfg.policy, "--policy", kind="causal_lm")
-    model, tok = policy.model, policy.tokenizer
+    model, tok = prepare_for_training(policy.model, cfg), policy.tokenizer
     if not tok.has_chat_template:
         raise PrefcliError(f"--policy: {policy.path} has no chat template", "align an SFT model first (prefcli align --method sft)")
     context = model.config.max_position_embeddings
@@ -315,13 +316,17 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
                 raise PrefcliError(f"--reference: {ref.path} uses a different tokenizer from the policy", "pick a reference made from the same base")
             reference = ref.model
             parents.append(ref.parent())
+        elif lora.has_adapters(model):
+            reference = lora.AdaptersOff(model)  # the policy with adapters off: no second copy
         else:
             reference = copy.deepcopy(model)
-        reference.requires_grad_(False).eval().to(device)
+        if not isinstance(reference, lora.AdaptersOff):
+            reference.requires_grad_(False).eval().to(device)
 
     value, value_source = None, None
     if cfg.method == "ppo":
         value, value_parent, value_source = load_value_model(ws, cfg, cfg.policy, tok)
+        value = prepare_for_training(value, cfg, reward=True)
     module = RLModel(model, value, cfg.kl_coef)
 
     if cfg.max_steps is None:  # --epochs: passes over the prompts, in whole batches of rollouts
@@ -345,7 +350,8 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
     summary = trainer.train(resume=cfg.resume)
     train_wall = time.perf_counter() - t_train
     trained: RLModel = unwrap(trainer.model)
-    params = {"policy": count(trained.policy), "value": count(trained.value), "reference": count(reference)}
+    params = {"policy": count(trained.policy), "value": count(trained.value),
+              "reference": 0 if isinstance(reference, lora.AdaptersOff) else count(reference)}
     seconds = batches.seconds
     batches.reference, batches.cache, reference = None, {}, None  # free the reference and the last rollouts
 

@@ -16,14 +16,15 @@ from prefcli.data import sources
 from prefcli.data.examples import Encoded, encode_chat, pack_rows, pad_batch
 from prefcli.errors import PrefcliError
 from prefcli.config import option
-from prefcli.objectives.lm import lm_loss
-from prefcli.artifacts import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
+from prefcli.artifacts import (AdapterOptions, TrainingOptions, load_model_artifact, note, prepare_for_training, prepare_run,
+                               save_model_artifact, train_config)
+from prefcli.model import chunked_lm_loss
 from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace
 
 
 @dataclass
-class SFTConfig(TrainingOptions):
+class SFTConfig(TrainingOptions, AdapterOptions):
     data: list[str] = option(factory=list, default_text="the method's built-in demo data",  # empty: the demo chats
                              help="Training data files, folders or globs; repeatable.")
     policy: str = option("base", "Model to start from.")
@@ -31,6 +32,8 @@ class SFTConfig(TrainingOptions):
     train_on_prompt: bool = option(False, "Put the loss on every token, not only the assistant's.")
     pack: bool = option(True, "Pack examples into full rows (--no-pack: pad each example instead).")
     val_fraction: float = option(0.05, "Share of the data held out for validation.", ge=0, lt=1)
+    max_length: int | None = option(None, "Tokens per conversation; longer ones are cut (and counted).", ge=2,
+                                    default_text="the model's context", panel="LoRA and memory")
 
 
 DEFAULT_STEPS = 150  # ~1.6 passes over the 3,000 demo chats at batch 32
@@ -42,14 +45,15 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
         raise PrefcliError(f"--val-fraction {cfg.val_fraction} is out of range", "use a number from 0 up to 1")
     convos, inputs = sources.conversations(cfg.data)
     policy = load_model_artifact(ws, cfg.policy, "--policy", kind="causal_lm")
-    tok, model = policy.tokenizer, policy.model
+    tok, model = policy.tokenizer, prepare_for_training(policy.model, cfg)
     if not tok.has_chat_template:
         raise PrefcliError(f"--policy: the tokenizer of {policy.path} has no chat template", "use a tokenizer made by `prefcli tokenize`")
-    context = model.config.max_position_embeddings
+    context = min(model.config.max_position_embeddings, cfg.max_length or model.config.max_position_embeddings)
     encoded = [encode_chat(tok, m, context, cfg.train_on_prompt) for m in convos]
     truncated = sum(e.truncated for e in encoded)
     if truncated:
-        note(f"warning: {truncated} of {len(encoded)} conversations are longer than the context ({context} tokens) and were truncated")
+        limit = "--max-length" if context == cfg.max_length else "the context"
+        note(f"warning: {truncated} of {len(encoded)} conversations are longer than {limit} ({context} tokens) and were truncated")
     encoded = [e for e in encoded if sum(e.mask[1:]) > 0]  # truncation can cut every assistant token away
     if not encoded:
         raise PrefcliError("--data: no conversation has an assistant token within the context", "use shorter conversations")
@@ -69,8 +73,8 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
 
     def forward(model, batch: dict):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), document_ids=batch.get("document_ids"))
-        return lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+        return chunked_lm_loss(model, batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                               document_ids=batch.get("document_ids"), loss_mask=batch["loss_mask"])
 
     def loss_fn(model, batch: dict):
         loss, n = forward(model, batch)
