@@ -509,6 +509,27 @@ def quickstart(
     emit(result, as_json, _quickstart_report)
 
 
+# ---------------------------------------------------------------- serve
+@app.command()
+def serve(
+    model: Optional[list[str]] = typer.Option(None, "--model", help="A model to serve: a workspace name or a folder (prefcli or HF); repeat to serve several."),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1); 0.0.0.0 opens it to the network (use --api-key then)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port to listen on (default 8000)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on every request (default: $PREFCLI_API_KEY; unset: no key)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Requests decoded together per model (default 16)."),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait for a batch slot per model; more get 429 (default 64)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Most tokens per request, prompt and reply (default: the model's context, at most 4096)."),
+    device: Optional[str] = DEVICE_OPT,
+    config: Optional[Path] = CONFIG_OPT,
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API (chat, completions, reward scores) until Ctrl-C."""
+    from prefcli.stages import serve as stage
+
+    cfg = build_config(stage.ServeConfig, config, "serve", model=model or None, host=host, port=port, api_key=api_key,
+                       max_batch=max_batch, max_queue=max_queue, max_len=max_len, device=device)
+    stage.run(cfg, workspace())
+
+
 # ---------------------------------------------------------------- pipeline
 pipeline_app = typer.Typer(help="Run a whole workflow from one TOML file, skipping stages that are up to date.",
                            no_args_is_help=True)
