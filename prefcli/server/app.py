@@ -223,6 +223,13 @@ class ChoiceText:
             self.text += self.decoder.flush()
         return self._ready(final=True)
 
+    def whole(self) -> str:
+        """The final text: the reply decoded in one go (as `prefcli chat` does), or cut at a stop string."""
+        if self.stopped:
+            return self.text
+        ids = self.decoder.ids
+        return self.decoder.tok.decode(ids[:-1] if ids and ids[-1] in self.stop_ids else ids)
+
     def _ready(self, final: bool) -> str:
         if self.stopped:
             return ""
@@ -253,9 +260,10 @@ class Run:
             budget = served.engine.max_len - len(prompt)
             max_tokens = budget if s.max_tokens is None else min(s.max_tokens, budget)
             group = object()  # the n choices of one prompt are prefilled once
-            for _ in range(s.n):
+            for j in range(s.n):
+                seed = None if s.seed is None else (s.seed + j) % 2 ** 63  # choice j: seed + j, so choices differ
                 self.jobs.append(Job(prompt, max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                     stop_ids=stop_ids, seed=s.seed, embed_offset=s.offset, group=group,
+                                     stop_ids=stop_ids, seed=seed, embed_offset=s.offset, group=group,
                                      on_event=self._on_event))
                 self.texts.append(ChoiceText(served, s.stop))
         self.index = {id(job): i for i, job in enumerate(self.jobs)}
@@ -406,10 +414,10 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, log=N
             raise APIError(400, f"model {name!r} is {what[served.kind]}: use {use}", "model", "wrong_model_kind")
         return served
 
-    def _check_length(served: ServedModel, prompt: list[int], what: str, param: str) -> None:
+    def _check_length(served: ServedModel, prompt: list[int], what: str, param: str, hint: str) -> None:
         if len(prompt) >= served.context:
             raise APIError(400, f"{what} {len(prompt)} tokens; model {served.name!r} holds {served.context} "
-                           f"(prompt and reply together). Send a shorter {param}.", param, "context_length_exceeded")
+                           f"(prompt and reply together): {hint}", param, "context_length_exceeded")
 
     @app.get("/health")
     async def health():
@@ -438,7 +446,7 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, log=N
             prompt = served.loaded.tokenizer.chat_ids(messages, add_generation_prompt=True)
         except PrefcliError as e:
             raise APIError(400, f"messages: the chat template cannot render them ({e.message})", "messages") from None
-        _check_length(served, prompt, "the messages are", "messages")
+        _check_length(served, prompt, "the messages are", "messages", "send fewer or shorter messages")
         return await _respond(request, served, [prompt], s, chat=True)
 
     @app.post("/v1/completions")
@@ -456,7 +464,8 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, log=N
         for i, p in enumerate(prompts):
             if not p:
                 raise APIError(400, f"prompt[{i}]: is empty", "prompt")
-            _check_length(served, p, f"prompt {i} is" if len(prompts) > 1 else "the prompt is", "prompt")
+            _check_length(served, p, f"prompt {i} is" if len(prompts) > 1 else "the prompt is", "prompt",
+                          "send a shorter prompt")
         return await _respond(request, served, prompts, s, chat=False)
 
     async def _respond(request: Request, served: ServedModel, prompts: list[list[int]], s: Settings, chat: bool):
@@ -508,12 +517,10 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, log=N
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         watcher = asyncio.ensure_future(_until_disconnect(request))
-        texts = [""] * len(run.jobs)
         try:
             async def collect():
-                async for i, piece in run.pieces():
-                    if piece:
-                        texts[i] += piece
+                async for _ in run.pieces():
+                    pass
 
             collector = asyncio.ensure_future(collect())
             await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -526,7 +533,7 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, log=N
             watcher.cancel()
             run.cancel()
         choices = []
-        for i, text in enumerate(texts):
+        for i, text in enumerate(t.whole() for t in run.texts):
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
                                 "logprobs": None, "finish_reason": run.finish_reason(i)})

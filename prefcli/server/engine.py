@@ -267,6 +267,8 @@ class BatchEngine:
         longest = int(lengths.max())
         width = min(longest + max(64, longest // 2), 2 * self.max_len)
         new = KVCache.for_model(self.model, len(lengths), width)
+        for t in new.k + new.v:  # padding is masked, but 0 x NaN from uninitialised memory is still NaN
+            t[:, :, :longest].zero_()
         new.key_mask[:, :longest] = False
         b = 0
         for cache, rows in parts:
