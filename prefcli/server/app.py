@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -163,7 +164,7 @@ def _settings(body: dict, served: ServedModel) -> Settings:
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         top_k=_integer(body, "top_k", 0, 0),
-        n=_integer(body, "n", 1, 1, served.engine.max_batch),
+        n=_integer(body, "n", 1, 1, min(served.engine.max_batch, served.engine.max_queue)),
         stop=_stops(body),
         seed=_integer(body, "seed", None, -(2 ** 63), 2 ** 63 - 1),
         stream=stream,
@@ -253,7 +254,11 @@ class Run:
     def __init__(self, served: ServedModel, prompts: list[list[int]], s: Settings):
         self.served = served
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue = asyncio.Queue()
+        # Events from the engine thread: appended there, read here. The loop is woken once per
+        # batch of events, not once per token (each wake-up is a write to the loop's self-pipe).
+        self.events: deque[tuple[int, int | None]] = deque()
+        self.ready = asyncio.Event()
+        self.wake_pending = False
         stop_ids = served.loaded.tokenizer.stop_ids(chat=served.kind == "chat")
         self.jobs, self.texts = [], []
         for prompt in prompts:
@@ -270,7 +275,14 @@ class Run:
         self.prompt_tokens = sum(len(p) for p in prompts)
 
     def _on_event(self, job: Job, token: int | None) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index[id(job)], token))
+        self.events.append((self.index[id(job)], token))
+        if not self.wake_pending:
+            self.wake_pending = True
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:  # event loop
+        self.wake_pending = False
+        self.ready.set()
 
     def start(self) -> None:
         try:
@@ -296,27 +308,45 @@ class Run:
             raise APIError(500, f"generation failed: {job.error}", None, "server_error", "server_error")
         return "length" if job.finish_reason == "length" else "stop"
 
+    async def _next_events(self) -> list[tuple[int, int | None]]:
+        """Every event that has arrived (waiting for one if none has)."""
+        while not self.events:
+            self.ready.clear()
+            if not self.events:
+                await self.ready.wait()
+        out = []
+        while self.events:
+            out.append(self.events.popleft())
+        return out
+
     async def pieces(self):
-        """(choice, text) as tokens arrive, then (choice, None) when the choice is done."""
+        """(choice, text) as tokens arrive, then (choice, None) when the choice is done.
+
+        Tokens that arrived together go out as one piece per choice (one SSE chunk, not one per
+        token): when the event loop falls behind the engine, it catches up in fewer sends.
+        """
         left = len(self.jobs)
         while left:
-            i, token = await self.events.get()
-            text = self.texts[i]
-            if token is None:
-                piece = text.finish()
+            ready: dict[int, str] = {}
+            done: list[int] = []
+            for i, token in await self._next_events():
+                text = self.texts[i]
+                if token is None:
+                    ready[i] = ready.get(i, "") + text.finish()
+                    done.append(i)
+                    continue
+                if text.stopped:
+                    continue
+                ready[i] = ready.get(i, "") + text.push(token)
+                if text.stopped:
+                    self.jobs[i].cancel()
+                    self.served.engine.wake()
+            for i, piece in ready.items():
                 if piece:
                     yield i, piece
+            for i in done:
                 yield i, None
-                left -= 1
-                continue
-            if text.stopped:
-                continue
-            piece = text.push(token)
-            if text.stopped:
-                self.jobs[i].cancel()
-                self.served.engine.wake()
-            if piece:
-                yield i, piece
+            left -= len(done)
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -375,6 +405,7 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, log=N
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
+        request.state.log = f"error={e.code or e.type}" + (f" param={e.param}" if e.param else "")
         return e.response()
 
     @app.exception_handler(StarletteHTTPException)
