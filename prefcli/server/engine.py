@@ -1,8 +1,9 @@
 """Continuous batching: one background decode loop per model, requests joining and leaving it.
 
 Each decode step feeds every running row its last token and samples the next. Between
-steps, waiting jobs join: each new prompt is prefilled on its own (batch 1, exactly what
-`prefcli chat` computes) and its cache rows are appended to the running cache; rows that
+steps, waiting jobs join: their prompts are prefilled together in one left-padded pass (a
+prompt alone is exactly what `prefcli chat` computes) and their cache rows are appended to
+the running cache; rows that
 finished (stop token, max_tokens) or were cancelled (a client gone) leave it at once.
 
 The running cache (prefcli.model.KVCache) has one write position for all rows, so rows
@@ -195,31 +196,43 @@ class BatchEngine:
         self.rows = [self.rows[i] for i in order]
 
     def _admit(self, jobs: list[Job]) -> None:
-        """Prefill each new prompt once, sample its first token(s), append the rows still going."""
+        """Prefill the new prompts (each distinct one once, all in one left-padded pass), sample
+        their first tokens, and append the rows still going to the running batch."""
         groups: dict[int, list[Job]] = {}
         for job in jobs:
             if job.cancelled:
                 job._finish("cancelled")
             else:
                 groups.setdefault(id(job.group), []).append(job)
-        parts = [(self.cache, list(range(len(self.rows))))] if self.rows else []
+        if not groups:
+            return
+        firsts = [g[0] for g in groups.values()]
+        longest = max(len(j.prompt) for j in firsts)
+        ids = torch.zeros(len(firsts), longest, dtype=torch.long)
+        mask = torch.zeros(len(firsts), longest, dtype=torch.long)
+        for b, job in enumerate(firsts):
+            ids[b, longest - len(job.prompt):] = torch.tensor(job.prompt)
+            mask[b, longest - len(job.prompt):] = 1
+        padded = not bool(mask.all())
+        offsets = None
+        if any(j.embed_offset is not None for j in firsts):
+            zero = torch.zeros(self.model.config.hidden_size)
+            offsets = torch.stack([zero if j.embed_offset is None else j.embed_offset.float().cpu() for j in firsts])
+            offsets = offsets.to(self.device, self.model.model.embed_tokens.weight.dtype)
+        cache = KVCache.for_model(self.model, len(firsts), longest)
+        logits = _next_logits(self.model, ids.to(self.device), cache, embed_offset=offsets,
+                              attention_mask=mask.to(self.device) if padded else None)
+        rows: list[int] = []
         joined: list[Job] = []
-        for group in groups.values():
-            first = group[0]
-            cache = KVCache.for_model(self.model, 1, len(first.prompt))
-            ids = torch.tensor([first.prompt], dtype=torch.long, device=self.device)
-            offset = None if first.embed_offset is None else first.embed_offset.reshape(1, -1).to(self.device)
-            logits = _next_logits(self.model, ids, cache, embed_offset=offset)
-            going = []
-            for job, token in zip(group, self._sample(logits.expand(len(group), -1), group)):
+        for b, group in enumerate(groups.values()):
+            for job, token in zip(group, self._sample(logits[b:b + 1].expand(len(group), -1), group)):
                 job._push(token)
                 if not job.done:
-                    going.append(job)
-            if going:
-                parts.append((cache, [0] * len(going)))
-                joined += going
+                    rows.append(b)
+                    joined.append(job)
         if joined:
-            self.cache = self._repack(parts)
+            parts = [(self.cache, list(range(len(self.rows))))] if self.rows else []
+            self.cache = self._repack(parts + [(cache, rows)])
             self.rows = self.rows + joined
 
     def _step(self) -> None:
