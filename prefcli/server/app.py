@@ -1,14 +1,10 @@
 """The HTTP layer of `prefcli serve`: OpenAI's chat/completions API over BatchEngine.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/score (reward
-models), GET /v1/models, GET /health. Request bodies are checked by hand (not by pydantic)
-so every mistake comes back in OpenAI's error shape, naming the field:
-{"error": {"message", "type", "param", "code"}}.
-
-A request becomes n engine jobs; their tokens come back through an asyncio queue, are
-decoded incrementally (the chat REPL's StreamDecoder), cut at `stop` strings, and sent as
-one JSON reply or as server-sent events ending in `data: [DONE]`. A client that goes
-away cancels its jobs: they leave the batch before the next decode step.
+models), GET /v1/models, GET /health. Bodies are checked in schemas.py; a request runs as
+a streams.Run and is answered as one JSON reply or as server-sent events ending in
+`data: [DONE]`. A client that goes away cancels its jobs: they leave the batch before the
+next decode step.
 """
 
 from __future__ import annotations
@@ -16,337 +12,18 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
 import sys
-import threading
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefcli.chat_format import ROLES
 from prefcli.errors import PrefcliError
-from prefcli.server.engine import BatchEngine, Job, QueueFull
-from prefcli.stages.chat import StreamDecoder
-from prefcli.stages.common import Loaded
-from prefcli.steer import Steering
-
-MAX_STOP = 4  # stop strings per request, as OpenAI allows
-
-
-@dataclass
-class ServedModel:
-    """A model the server answers for. kind: "chat" (chat template), "base" (completions only) or "reward"."""
-
-    name: str
-    loaded: Loaded
-    kind: str
-    engine: BatchEngine | None = None  # generative models
-    steering: Steering | None = None
-    created: int = field(default_factory=lambda: int(time.time()))
-    lock: threading.Lock = field(default_factory=threading.Lock)  # reward scoring, one batch at a time
-
-    @property
-    def context(self) -> int:
-        if self.engine is not None:
-            return self.engine.max_len
-        return self.loaded.model.config.max_position_embeddings
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-# ----------------------------------------------------------------------------- request checks
-
-def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise APIError(400, f"{name}: {value!r} is not a number", name)
-    if value < low or value > high or (low_open and value == low):
-        raise APIError(400, f"{name}: {value} is out of range; it must be in {'(' if low_open else '['}{low:g}, {high:g}]", name)
-    return float(value)
-
-
-def _integer(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"{name}: {value!r} is not a whole number", name)
-    if value < low or (high is not None and value > high):
-        raise APIError(400, f"{name}: {value} is out of range; it must be {low} or more"
-                       + (f" and at most {high}" if high is not None else ""), name)
-    return value
-
-
-def _stops(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise APIError(400, "stop: must be a string or a list of strings", "stop")
-    if len(stops) > MAX_STOP:
-        raise APIError(400, f"stop: at most {MAX_STOP} sequences, got {len(stops)}", "stop")
-    return [s for s in stops if s]
-
-
-def _messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages: must be a non-empty list of {role, content} objects", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise APIError(400, f"{where}: must be an object with role and content", where)
-        role, content = m.get("role"), m.get("content")
-        if role == "developer":  # OpenAI's newer name for the system role
-            role = "system"
-        if role not in ROLES:
-            raise APIError(400, f"{where}.role: {role!r} is not one of {', '.join(ROLES)}", f"{where}.role")
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise APIError(400, f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) are supported",
-                               f"{where}.content")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"{where}.content: must be a string", f"{where}.content")
-        out.append({"role": role, "content": content})
-    return out
-
-
-@dataclass
-class Settings:
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    top_k: int
-    n: int
-    stop: list[str]
-    seed: int | None
-    stream: bool
-    include_usage: bool
-    offset: torch.Tensor | None
-
-
-def _settings(body: dict, served: ServedModel) -> Settings:
-    for name in ("logprobs", "echo", "top_logprobs", "tools", "functions", "suffix"):
-        if body.get(name):
-            raise APIError(400, f"{name}: not supported by prefcli serve", name)
-    max_tokens = _integer(body, "max_completion_tokens", None, 1)
-    max_tokens = _integer(body, "max_tokens", max_tokens, 1)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "stream: must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise APIError(400, "stream_options: must be an object", "stream_options")
-    return Settings(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=_integer(body, "top_k", 0, 0),
-        n=_integer(body, "n", 1, 1, min(served.engine.max_batch, served.engine.max_queue)),
-        stop=_stops(body),
-        seed=_integer(body, "seed", None, -(2 ** 63), 2 ** 63 - 1),
-        stream=stream,
-        include_usage=bool(options.get("include_usage")),
-        offset=_offset(body, served),
-    )
-
-
-def _offset(body: dict, served: ServedModel) -> torch.Tensor | None:
-    """A steerable model's preference vector from the extra field `prefer` ({"polite": 0} or "polite=0")."""
-    prefer = body.get("prefer")
-    if prefer is None:
-        return None
-    if served.steering is None:
-        raise APIError(400, f"prefer: {served.name} has no steering weights (only models made by "
-                       "`prefcli align --method steer` take a preference vector)", "prefer")
-    try:
-        if isinstance(prefer, str):
-            prefs = served.steering.parse(prefer, "prefer")
-        elif isinstance(prefer, dict):
-            prefs = served.steering.parse(",".join(f"{k}={v}" for k, v in prefer.items()), "prefer") if prefer else {}
-        else:
-            raise APIError(400, 'prefer: must be an object such as {"polite": 0} or a string such as "polite=0"', "prefer")
-    except PrefcliError as e:
-        raise APIError(400, str(e), "prefer") from None
-    return served.steering.offset(prefs)
-
-
-# ----------------------------------------------------------------------------- the text of a choice
-
-class ChoiceText:
-    """A choice's tokens in, text out: decoded incrementally and cut at the first stop string.
-
-    Text that could be the start of a stop string is held back until it cannot be.
-    """
-
-    def __init__(self, served: ServedModel, stops: list[str]):
-        self.decoder = StreamDecoder(served.loaded.tokenizer)
-        self.stop_ids = set(served.loaded.tokenizer.stop_ids(chat=served.kind == "chat"))
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text = ""
-        self.sent = 0
-        self.tokens = 0
-        self.stopped = False  # a stop string was found
-
-    def push(self, token: int) -> str:
-        """Text that can be sent after this token ("" if none)."""
-        self.tokens += 1
-        if token in self.stop_ids:
-            return ""
-        self.text += self.decoder.push(token)
-        return self._ready(final=False)
-
-    def finish(self) -> str:
-        if not self.stopped:
-            self.text += self.decoder.flush()
-        return self._ready(final=True)
-
-    def whole(self) -> str:
-        """The final text: the reply decoded in one go (as `prefcli chat` does), or cut at a stop string."""
-        if self.stopped:
-            return self.text
-        ids = self.decoder.ids
-        return self.decoder.tok.decode(ids[:-1] if ids and ids[-1] in self.stop_ids else ids)
-
-    def _ready(self, final: bool) -> str:
-        if self.stopped:
-            return ""
-        if self.stops:
-            start = max(0, self.sent - self.hold)
-            found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if found:
-                self.text = self.text[:min(found)]
-                self.stopped = True
-                final = True
-        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        piece, self.sent = self.text[self.sent:end], end
-        return piece
-
-
-# ----------------------------------------------------------------------------- running a request
-
-class Run:
-    """The jobs of one request and the queue their events arrive on (in the server's event loop)."""
-
-    def __init__(self, served: ServedModel, prompts: list[list[int]], s: Settings):
-        self.served = served
-        self.loop = asyncio.get_running_loop()
-        # Events from the engine thread: appended there, read here. The loop is woken once per
-        # batch of events, not once per token (each wake-up is a write to the loop's self-pipe).
-        self.events: deque[tuple[int, int | None]] = deque()
-        self.ready = asyncio.Event()
-        self.wake_pending = False
-        stop_ids = served.loaded.tokenizer.stop_ids(chat=served.kind == "chat")
-        self.jobs, self.texts = [], []
-        for prompt in prompts:
-            budget = served.engine.max_len - len(prompt)
-            max_tokens = budget if s.max_tokens is None else min(s.max_tokens, budget)
-            group = object()  # the n choices of one prompt are prefilled once
-            for j in range(s.n):
-                seed = None if s.seed is None else (s.seed + j) % 2 ** 63  # choice j: seed + j, so choices differ
-                self.jobs.append(Job(prompt, max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                     stop_ids=stop_ids, seed=seed, embed_offset=s.offset, group=group,
-                                     on_event=self._on_event))
-                self.texts.append(ChoiceText(served, s.stop))
-        self.index = {id(job): i for i, job in enumerate(self.jobs)}
-        self.prompt_tokens = sum(len(p) for p in prompts)
-
-    def _on_event(self, job: Job, token: int | None) -> None:  # engine thread
-        self.events.append((self.index[id(job)], token))
-        if not self.wake_pending:
-            self.wake_pending = True
-            self.loop.call_soon_threadsafe(self._wake)
-
-    def _wake(self) -> None:  # event loop
-        self.wake_pending = False
-        self.ready.set()
-
-    def start(self) -> None:
-        try:
-            self.served.engine.submit(self.jobs)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}; try again shortly", None, "queue_full",
-                           "rate_limit_error") from None
-
-    def cancel(self) -> None:
-        for job in self.jobs:
-            job.cancel()
-        self.served.engine.wake()
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(t.tokens for t in self.texts)
-
-    def finish_reason(self, i: int) -> str:
-        if self.texts[i].stopped:
-            return "stop"
-        job = self.jobs[i]
-        if job.finish_reason == "error":
-            raise APIError(500, f"generation failed: {job.error}", None, "server_error", "server_error")
-        return "length" if job.finish_reason == "length" else "stop"
-
-    async def _next_events(self) -> list[tuple[int, int | None]]:
-        """Every event that has arrived (waiting for one if none has)."""
-        while not self.events:
-            self.ready.clear()
-            if not self.events:
-                await self.ready.wait()
-        out = []
-        while self.events:
-            out.append(self.events.popleft())
-        return out
-
-    async def pieces(self):
-        """(choice, text) as tokens arrive, then (choice, None) when the choice is done.
-
-        Tokens that arrived together go out as one piece per choice (one SSE chunk, not one per
-        token): when the event loop falls behind the engine, it catches up in fewer sends.
-        """
-        left = len(self.jobs)
-        while left:
-            ready: dict[int, str] = {}
-            done: list[int] = []
-            for i, token in await self._next_events():
-                text = self.texts[i]
-                if token is None:
-                    ready[i] = ready.get(i, "") + text.finish()
-                    done.append(i)
-                    continue
-                if text.stopped:
-                    continue
-                ready[i] = ready.get(i, "") + text.push(token)
-                if text.stopped:
-                    self.jobs[i].cancel()
-                    self.served.engine.wake()
-            for i, piece in ready.items():
-                if piece:
-                    yield i, piece
-            for i in done:
-                yield i, None
-            left -= len(done)
+from prefcli.server.schemas import APIError, ServedModel, Settings, parse_messages, parse_settings
+from prefcli.server.streams import Run
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -356,8 +33,6 @@ async def _until_disconnect(request: Request) -> None:
         if message["type"] == "http.disconnect":
             return
 
-
-# ----------------------------------------------------------------------------- the app
 
 def _stderr(line: str) -> None:
     sys.stderr.write(line + "\n")
@@ -471,8 +146,8 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, log=N
     async def chat_completions(request: Request):
         body = await _body(request)
         served = _model(body, "chat")
-        s = _settings(body, served)
-        messages = _messages(body)
+        s = parse_settings(body, served)
+        messages = parse_messages(body)
         try:
             prompt = served.loaded.tokenizer.chat_ids(messages, add_generation_prompt=True)
         except PrefcliError as e:
@@ -484,7 +159,7 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, log=N
     async def completions(request: Request):
         body = await _body(request)
         served = _model(body, "completions")
-        s = _settings(body, served)
+        s = parse_settings(body, served)
         texts = body.get("prompt")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
@@ -589,7 +264,7 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, log=N
             if isinstance(prompt, str):
                 prompt = [{"role": "user", "content": prompt}]
             else:
-                prompt = _messages({"messages": prompt}) if isinstance(prompt, list) else None
+                prompt = parse_messages({"messages": prompt}) if isinstance(prompt, list) else None
             if prompt is None:
                 raise APIError(400, f"{where}.prompt: must be a string or a list of messages", f"{where}.prompt")
             items.append((prompt, p["response"]))

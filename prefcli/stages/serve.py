@@ -45,7 +45,7 @@ def served_name(ref: str) -> str:
 
 def load_models(cfg: ServeConfig, ws: Workspace) -> dict:
     """{id: ServedModel} for every --model, each with its engine (generative) or scoring lock (reward)."""
-    from prefcli.server.app import ServedModel
+    from prefcli.server.schemas import ServedModel
     from prefcli.server.engine import BatchEngine
     from prefcli.stages.common import load_model_artifact
     from prefcli.steer import load_steering
