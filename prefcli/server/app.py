@@ -201,6 +201,7 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, log=N
                 return f"data: {json.dumps(doc)}\n\n"
 
             async def events():
+                finished = False
                 try:
                     if chat:
                         for i in range(len(run.jobs)):
@@ -214,10 +215,16 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, log=N
                     else:
                         usage()
                     yield "data: [DONE]\n\n"
+                    finished = True
                 except APIError as e:  # the headers are sent: the error goes in the stream
-                    yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+                    finished = True
+                    request.state.log = f"model={served.name} error={e.code}"
+                    yield f"data: {json.dumps(e.body())}\n\n"
                 finally:
                     run.cancel()  # the client went away (or we are done): free the slots now
+                    if not finished:
+                        request.state.log = (f"model={served.name} client disconnected after "
+                                             f"{run.completion_tokens} tokens")
 
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
