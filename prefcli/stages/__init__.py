@@ -71,6 +71,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("quickstart", "prefcli.stages.quickstart:QuickstartConfig", "prefcli.stages.quickstart:run",
             "prefcli.reports:quickstart", "Run the whole workflow on the built-in demo data and report how much alignment helped.",
             "prefcli -w demo quickstart --fast", "quickstart"),
+    Command("serve", "prefcli.stages.serve:ServeConfig", "prefcli.stages.serve:run", "prefcli.reports:nothing",
+            "Serve models over an OpenAI-compatible HTTP API (chat, completions, reward scores) until Ctrl-C.",
+            "prefcli serve --model sft --port 8000", "serve", json_by_run=True),
 ]}
 
 # Options of a generated command that are not config fields (the CLI adds them; pipeline skips them).
