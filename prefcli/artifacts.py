@@ -63,8 +63,8 @@ class AdapterOptions:
     lora_dropout: float = option(0.0, "Dropout on the LoRA input.", ge=0, lt=1, panel="LoRA and memory")
     lora_targets: list[str] = option(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                      default_text="all linear layers of the blocks", panel="LoRA and memory",
-                                     choices=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                                     help="Projections that get adapters; repeatable.")
+                                     help="Projections that get adapters: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                                          "down_proj; repeatable or comma-separated.")
     merge: bool = option(False, "With LoRA: write a plain merged model folder instead of an adapter.", panel="LoRA and memory")
     grad_checkpoint: bool = option(False, "Recompute each block's activations in the backward pass (less memory, ~30% slower).",
                                    panel="LoRA and memory")

@@ -9,6 +9,8 @@ are in pickle files is refused.
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from pathlib import Path
 
@@ -97,8 +99,20 @@ def import_gguf(source: Path, dest: Path) -> dict:
     if not (dest / "tokenizer.json").is_file():
         raise PrefcliError(f"import: {source}: transformers wrote no tokenizer.json for this file",
                            "prefcli needs a fast (tokenizers) tokenizer")
-    return {"format": "gguf", "parameters": sum(p.numel() for p in model.parameters()),
+    dropped = _drop_tokens_past(dest / "tokenizer.json", config.vocab_size)
+    return {"format": "gguf", **({"dropped_tokens": dropped} if dropped else {}), "parameters": sum(p.numel() for p in model.parameters()),
             "quantization": _gguf_file_type(source)}
+
+
+def _drop_tokens_past(path: Path, vocab_size: int) -> list[str]:
+    """Remove added tokens whose id has no embedding row: transformers' GGUF converter may add one
+    (e.g. <|endoftext|> when the file names no such token), and the model could never read it."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    dropped = [t["content"] for t in doc.get("added_tokens", []) if t["id"] >= vocab_size]
+    if dropped:
+        doc["added_tokens"] = [t for t in doc["added_tokens"] if t["id"] < vocab_size]
+        path.write_text(json.dumps(doc, ensure_ascii=False, indent=2), encoding="utf-8")
+    return dropped
 
 
 def _gguf_file_type(source: Path) -> str | None:

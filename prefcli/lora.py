@@ -72,7 +72,8 @@ def spec_from_config(cfg) -> LoraSpec | None:
         return None
     targets = getattr(cfg, "lora_targets", None) or ALL_TARGETS
     if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
+        targets = [targets]
+    targets = [t.strip() for entry in targets for t in entry.split(",") if t.strip()]  # repeatable or comma-separated
     return LoraSpec(rank, getattr(cfg, "lora_alpha", None), getattr(cfg, "lora_dropout", 0.0) or 0.0, tuple(targets))
 
 

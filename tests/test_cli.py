@@ -232,7 +232,7 @@ def test_registry_covers_the_commands_and_configs_have_help_for_every_option():
     from prefcli.stages import COMMANDS, METHODS, method_config
 
     names = {n for n, _ in commands()}
-    assert set(COMMANDS) <= names and names - set(COMMANDS) == {"ls", "eval plot", "pipeline run"}
+    assert set(COMMANDS) <= names and names - set(COMMANDS) == {"ls", "import", "eval plot", "pipeline run"}
     cmds = dict(commands())
     for name, spec in COMMANDS.items():
         classes = [method_config(m) for m in METHODS] if name == "align" else [spec.config_class()]

@@ -244,7 +244,7 @@ def test_report_to_tensorboard_mirrors_metrics_jsonl(cli, chat_ws):
     loss = events.Scalars("loss")
     assert [e.step for e in loss] == [3] and loss[0].value == pytest.approx(line["loss"], rel=1e-6)
     r = cli("-w", ws, "align", "--method", "sft", "--data", files["chats"], "--report-to", "mlflow", "--overwrite")
-    assert r.code == 2 and "--report-to mlflow: unknown tracker" in r.stderr
+    assert r.code == 2 and "--report-to mlflow: not one of tensorboard, wandb" in r.stderr
 
 
 def test_merge_writes_the_plain_model_the_adapter_gives(cli, chat_ws):

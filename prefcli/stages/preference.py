@@ -325,6 +325,10 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
                 raise PrefcliError("--pairs-from-policy: every prompt's samples scored the same; no pair to learn from",
                                    "sample more replies per prompt, raise --temperature, or use another judge")
             items = items_from_pairs(pairs, tok, context, spec.paired, cfg.max_prompt_length)
+        truncated = sum(it.chosen.truncated or bool(it.rejected and it.rejected.truncated) for it in items)
+        if truncated:
+            note(f"warning: {truncated} of {len(items)} examples were truncated to {context} tokens"
+                 + (f" (prompts to {cfg.max_prompt_length})" if cfg.max_prompt_length else ""))
         # The demo pairs have their own held-out split (reported below); other data gives up a share.
         on_demo = sources.use_demo(cfg.data) and not cfg.pairs_from_policy
         train, val = sources.split_val(items, 0.0 if on_demo else cfg.val_fraction, cfg.seed)

@@ -45,8 +45,6 @@ class RewardConfig(TrainingOptions, AdapterOptions):
     max_prompt_length: int | None = option(None, "Prompt tokens kept (its last ones).", ge=1, default_text="no limit",
                                            panel="LoRA and memory")
     lr: float = 5e-4
-    max_length: int | None = None  # tokens per prompt + reply (None: the model's context)
-    max_prompt_length: int | None = None  # prompt tokens kept (its last ones)
 
 
 # ~3.4 passes over the 24,000 demo reward pairs at batch 32: judging correctness (a sum, a fact,
