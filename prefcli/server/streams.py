@@ -12,7 +12,7 @@ from collections import deque
 
 from prefcli.server.engine import Job, QueueFull
 from prefcli.server.schemas import APIError, ServedModel, Settings
-from prefcli.stages.chat import StreamDecoder
+from prefcli.conversation import StreamDecoder
 
 
 class ChoiceText:
