@@ -71,7 +71,10 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--static", choices=["auto", "on", "off"], default="auto",
+                    help="prefcli's fixed-shape decode replayed from a CUDA graph (auto: on CUDA)")
     args = ap.parse_args()
+    static = {"auto": None, "on": True, "off": False}[args.static]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -94,7 +97,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     print(f"size {args.size} ({count_parameters(model) / 1e6:.1f}M params), device {args.device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"static decode {args.static}, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}; "
           f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
     print(f"{'batch':>5} {'prefcli tok/s':>14} {'transformers tok/s':>19} {'ratio':>6} "
           f"{'matmul floor tok/s':>19}  same tokens")
@@ -104,7 +107,8 @@ def main() -> None:
         ours_out, theirs_out = [], []
 
         def ours():
-            ours_out[:] = generate(model, prompts.tolist(), max_new_tokens=args.new_tokens, temperature=0)
+            ours_out[:] = generate(model, prompts.tolist(), max_new_tokens=args.new_tokens, temperature=0,
+                                   static=static)
             sync()
 
         def theirs():

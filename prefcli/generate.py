@@ -19,6 +19,7 @@ import torch
 
 from prefcli.errors import PrefcliError
 from prefcli.model import KVCache, Transformer, fused_projections
+from prefcli.static_decode import StaticDecoder, plain_linears
 
 
 @dataclass
@@ -158,12 +159,51 @@ def _decode(model: Transformer, cache: KVCache, logits: torch.Tensor, completion
         c.logprobs.extend(lps[:end])
 
 
+def _decode_static(decoder: StaticDecoder, logits: torch.Tensor, completions: list[Completion],
+                   max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_ids,
+                   generator: torch.Generator | None, on_token: Callable[[int, int], None] | None) -> None:
+    """`_decode` for a batch whose shape never changes (a CUDA graph's): finished rows keep
+    decoding and their tokens are dropped at the end, instead of leaving the cache."""
+    if max_new_tokens <= 0:
+        return
+    device = logits.device
+    stop = torch.tensor(sorted({stop_ids} if isinstance(stop_ids, int) else set(stop_ids)), dtype=torch.long,
+                        device=device)
+    rows = len(completions)
+    tokens = torch.empty(max_new_tokens, rows, dtype=torch.long, device=device)
+    logprobs = torch.empty(max_new_tokens, rows, dtype=torch.float32, device=device)
+    ends = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        next_ids, next_logprobs = _sample_with_logprobs(logits, temperature, top_k, top_p, generator)
+        tokens[step], logprobs[step] = next_ids, next_logprobs
+        if on_token is not None:
+            finished = done.tolist()
+            for row, token in enumerate(next_ids.tolist()):
+                if not finished[row]:
+                    on_token(row, token)
+        if len(stop):
+            hit = torch.isin(next_ids, stop) & ~done
+            ends = torch.where(hit, step + 1, ends)
+            done |= hit
+            if bool(done.all()):
+                break
+        if step == max_new_tokens - 1:
+            break
+        logits = decoder(next_ids)
+    for c, end, finished, toks, lps in zip(completions, ends.tolist(), done.tolist(), tokens.T.tolist(),
+                                           logprobs.T.tolist()):
+        c.tokens.extend(toks[:end])
+        c.logprobs.extend(lps[:end])
+        c.finished = finished
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids=(), pad_id: int = 0,
              seed: int | torch.Generator | None = None,
              on_token: Callable[[int, int], None] | None = None,
-             embed_offset: torch.Tensor | None = None) -> list[Completion]:
+             embed_offset: torch.Tensor | None = None, static: bool | None = None) -> list[Completion]:
     """Complete each prompt (token ids) with up to max_new_tokens sampled tokens.
 
     Prompts are left-padded with pad_id into one batch sharing one KV cache; a row stops
@@ -172,6 +212,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     on_token(row, token_id) is called for every new token, stop tokens included.
     embed_offset: [hidden] (every row) or [B, hidden] (per row), added to the embedding of
     every token, prompt and reply (a steering vector, `prefcli.steer`).
+    static: decode with fixed shapes, replayed from a CUDA graph (default: on CUDA, where
+    decoding is bound by kernel launches); finished rows then stay in the batch.
     """
     if model.lm_head is None:
         raise ValueError("generate needs a model with an lm_head")
@@ -206,8 +248,15 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         if len(distinct) < len(prompts):
             cache.select_rows(row_of)
             logits = logits[row_of]
-        _decode(model, cache, logits, completions, max_new_tokens, temperature, top_k, top_p,
-                stop_ids, _generator(seed, device), on_token, offset)
+        if static is None:
+            static = device.type == "cuda" and plain_linears(model)
+        if static and max_new_tokens > 1:
+            decoder = StaticDecoder(model, cache, offset)
+            _decode_static(decoder, logits, completions, max_new_tokens, temperature, top_k, top_p,
+                           stop_ids, _generator(seed, device), on_token)
+        else:
+            _decode(model, cache, logits, completions, max_new_tokens, temperature, top_k, top_p,
+                    stop_ids, _generator(seed, device), on_token, offset)
     return completions
 
 
