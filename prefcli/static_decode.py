@@ -26,11 +26,8 @@ except TypeError:  # pragma: no cover - old torch
 
 
 def plain_linears(model: Transformer) -> bool:
-    """True when every block projection is a plain nn.Linear (no adapter wrapped around it)."""
-    kinds = {type(m) for b in model.model.layers
-             for m in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj, b.self_attn.o_proj,
-                       b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj)}
-    return kinds <= {torch.nn.Linear}
+    """True when no block projection carries a LoRA adapter (this step reads the stacked weights only)."""
+    return not any("lora_A" in m._modules for b in model.model.layers for m in b.modules())
 
 
 class StaticDecodeStep:

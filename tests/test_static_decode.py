@@ -57,3 +57,13 @@ def test_generate_static_streams_each_rows_tokens_once():
     out = generate(model, [[1, 2], [3]], max_new_tokens=6, temperature=0, static=True,
                    on_token=lambda row, tok: seen.setdefault(row, []).append(tok))
     assert seen == {0: out[0].tokens, 1: out[1].tokens}
+
+
+def test_generate_leaves_the_static_path_to_models_without_adapters():
+    from prefcli import lora
+    from prefcli.static_decode import plain_linears
+
+    model = tiny(seed=3)
+    assert plain_linears(model)
+    lora.add_adapters(model, lora.LoraSpec(4, None, 0.0, ("q_proj", "v_proj")))
+    assert not plain_linears(model)
