@@ -68,7 +68,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(10, 49000, (n,), generator=g).tolist() for n in (5, 40, 12, 90, 7, 7)]
     budgets = [20, 60, 15, 50, 60, 33]
-    alone = [generate(model, [p], max_new_tokens=n, temperature=0, stop_ids=STOP)[0].tokens
+    alone = [generate(model, [p], max_new_tokens=n, temperature=0, stop_ids=STOP, static=False)[0].tokens
              for p, n in zip(prompts, budgets)]
     engine = BatchEngine(model, max_batch=4, max_queue=16)
     jobs = [Job(p, n, temperature=0, stop_ids=STOP) for p, n in zip(prompts, budgets)]
