@@ -205,6 +205,7 @@ def align(
     clip_range: Optional[float] = typer.Option(None, "--clip-range", help="ppo/grpo: clip the probability ratio to 1 +- this (default 0.2)."),
     vf_coef: Optional[float] = typer.Option(None, "--vf-coef", help="ppo: weight of the value loss (default 0.1)."),
     whiten_rewards: bool = typer.Option(False, "--whiten-rewards", help="ppo: scale per-token rewards by their std before GAE."),
+    guard: Optional[str] = typer.Option(None, "--guard", help="dpo-family and ppo/grpo/rloo: on a collapse (chosen log-prob falling, replies shrinking or repeating): stop (exit 1, nothing saved), warn, or off (default stop)."),
     attribute: Optional[list[str]] = typer.Option(None, "--attribute", help="steer: NAME=REWARD_MODEL labels each reply's attribute NAME with its reward's rank (repeatable)."),
     max_steps: Optional[int] = MAX_STEPS_OPT,
     epochs: Optional[float] = EPOCHS_OPT,
@@ -234,6 +235,7 @@ def align(
                    reward_model=reward_model or None, value_model=value_model, num_generations=num_generations,
                    kl_coef=kl_coef, kl_target=kl_target, missing_eos_penalty=missing_eos_penalty, ppo_epochs=ppo_epochs,
                    clip_range=clip_range, vf_coef=vf_coef, whiten_rewards=whiten_rewards or None, attribute=attribute or None,
+                   guard=guard,
                    max_steps=max_steps, epochs=epochs,
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, eval_every=eval_every,
                    save_every=save_every, resume=resume or None, compile=compile or None, seed=seed, device=device,
@@ -611,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
         line = Text("error: ", style="bold red")
         line.append(e.message + (f" (hint: {e.hint})" if e.hint else ""))
         console.print(line, highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))  # 1 for runtime failures such as guard.RunCollapsed
 
 
 if __name__ == "__main__":

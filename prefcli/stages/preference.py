@@ -58,6 +58,7 @@ class PreferenceConfig(TrainingOptions):
     temperature: float = 1.0
     max_tokens: int = 64
     val_fraction: float = 0.05
+    guard: str = "stop"  # collapse guard (prefcli/guard.py): stop | warn | off
     lr: float = 5e-4  # measured on the demo with --rpo-alpha 1: win rate over sft 0.66 at 1e-4/120 steps, 0.77 at 5e-4/300
     eval_every: int = 0
 
@@ -309,7 +310,8 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
         if ref_model is not None:
             ref_model.cpu()  # off the device while the policy trains
         tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
-        trainer = Trainer(model, _loss_fn(cfg, spec, beta, opts, train, ref_logps, tok.pad_id, lambda: trainer.device),
+        guard = preference_guard(cfg)
+        trainer = Trainer(model, guard.watch(_loss_fn(cfg, spec, beta, opts, train, ref_logps, tok.pad_id, lambda: trainer.device)),
                           _batches(cfg, train), tcfg, run_dir, desc=f"{cfg.method} {out}" + (f" round {rnd}" if cfg.rounds > 1 else ""))
         resume_round = cfg.resume and bool(_checkpoints(run_dir))
         summary = trainer.train(resume=resume_round)
@@ -328,6 +330,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
         "pairs": len(train),
         "steps": summary.get("steps"),
         **{k: round(v, 4) for k, v in summary.items() if k.startswith(("rewards/", "logps/"))},
+        **guard.summary(),
     }
     config = to_dict(cfg) | {"beta": beta, **opts}
     save_model_artifact(ws, out, model.float().cpu(), policy.path, kind="causal_lm", stage=f"align {cfg.method}",
@@ -338,6 +341,13 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
     if round_stats:
         result["rounds"] = round_stats
     return result
+
+
+def preference_guard(cfg: PreferenceConfig):
+    from prefcli.guard import CollapseGuard
+
+    fix = "--rpo-alpha 1 or a lower --lr" if not cfg.rpo_alpha else f"a lower --lr (now {cfg.lr:g}) or a higher --rpo-alpha"
+    return CollapseGuard(cfg.guard, "preference", fix)
 
 
 def _device(cfg: PreferenceConfig):

@@ -52,6 +52,7 @@ from prefcli.generate import Completion, generate
 from prefcli.model import Transformer
 from prefcli.objectives import rl
 from prefcli.objectives.lm import token_logprobs
+from prefcli.guard import CollapseGuard, distinct_2
 from prefcli.rewards import build_rewards
 from prefcli.stages.common import load_model_artifact, note, prepare_run, save_model_artifact
 from prefcli.tokenizer import Tokenizer
@@ -86,6 +87,7 @@ class RLConfig:
     num_generations: int | None = None  # samples per prompt (grpo/rloo groups)
     temperature: float = 1.0
     max_tokens: int = 64
+    guard: str = "stop"  # collapse guard (prefcli/guard.py): stop | warn | off
     missing_eos_penalty: float = 1.0  # subtracted from the score of a reply cut at max_tokens
     kl_coef: float | None = None  # 0: no reference model at all
     kl_target: float | None = None  # adaptive coefficient steering the KL per reply (nats) here
@@ -329,6 +331,7 @@ class Rollouts:
             "reward": scores.mean(), "reward_std": scores.std() if len(scores) > 1 else torch.zeros(()),
             **{f"reward/{name}": value for name, value in parts.items()},
             "reply_len": lengths.mean(), "truncated": (~r.finished).float().mean(), "kl_coef": kl_coef,
+            "distinct2": torch.tensor(sum(distinct_2(c.tokens) for c in completions) / max(1, len(completions))),
         }
         if seq_kl is not None:
             r.metrics["kl"] = seq_kl.mean()
@@ -513,7 +516,8 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
     run_dir = prepare_run(ws, out, resume=cfg.resume, overwrite=cfg.overwrite)
     trainer = None
     batches = Rollouts(cfg, tok, prompts, prompt_ids, rewards, reference, lambda: trainer)
-    trainer = Trainer(module, make_loss_fn(cfg), batches, tcfg, run_dir, desc=f"{cfg.method} {out}")
+    guard = CollapseGuard(cfg.guard, "rl", "a higher --kl-coef or a lower --lr")
+    trainer = Trainer(module, guard.watch(make_loss_fn(cfg)), batches, tcfg, run_dir, desc=f"{cfg.method} {out}")
     t_train = time.perf_counter()
     summary = trainer.train(resume=cfg.resume)
     train_wall = time.perf_counter() - t_train
@@ -524,13 +528,14 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
 
     lines = _read_metric_lines(run_dir)
     last = lines[-1] if lines else {}
-    keep = ("reward", "reward_std", "kl", "entropy", "clipfrac", "value_loss", "reply_len", "truncated", "kl_coef")
+    keep = ("reward", "reward_std", "kl", "entropy", "clipfrac", "value_loss", "reply_len", "distinct2", "truncated", "kl_coef")
     metrics = {
         "train_loss": round(summary.get("train_loss", float("nan")), 4),
         "steps": summary.get("steps"),  # also when --epochs set them
         "reward_first": round(lines[0]["reward"], 4) if lines and "reward" in lines[0] else None,
         **{k: round(last[k], 4) for k in keep if k in last},
         **{k: round(v, 4) for k, v in last.items() if k.startswith("reward/")},
+        **guard.summary(),
     }
     # This process's wall time split: sampling, the rest of the rollout (scores, reference
     # and value passes), and training (forward, backward, update, checkpoints).
