@@ -43,7 +43,7 @@ from prefcli.progress import progress
 from prefcli.stages.common import Loaded, load_model_artifact
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import resolve_device
-from prefcli.workspace import NAME_RE, Workspace, parent_ref, sha256_file
+from prefcli.workspace import NAME_RE, Workspace, parent_ref
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -331,11 +331,10 @@ def teacher_forced_logprobs(model: Transformer, sequences: list[list[int]], star
 
 
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    """The same ids for the same text: identical tokenizer.json, or identical serialized tokenizers."""
-    fa, fb = Path(a.folder) / "tokenizer.json", Path(b.folder) / "tokenizer.json"
-    if fa.is_file() and fb.is_file() and sha256_file(fa) == sha256_file(fb):
-        return True
-    return a.hf.to_str() == b.hf.to_str()
+    """The same ids for the same text (tokenizer.encoding_identity), whatever wrote the files."""
+    from prefcli.tokenizer import same_tokenizer as same
+
+    return same(a, b)
 
 
 def demo_prompts(limit: int | None = None) -> list[list[dict]]:

@@ -283,7 +283,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
         if not spec.needs_reference:
             raise PrefcliError(f"--reference: --method {cfg.method} uses no reference model", "leave --reference out")
         ref_loaded = load_model_artifact(ws, cfg.reference, "--reference", kind="causal_lm")
-        if ref_loaded.tokenizer.hf.to_str() != tok.hf.to_str():
+        if ref_loaded.tokenizer.identity != tok.identity:
             raise PrefcliError(f"--reference: {ref_loaded.path} uses a different tokenizer from the policy", "pick a reference made from the same base")
         ref_model = ref_loaded.model
         parents.append(ref_loaded.parent())

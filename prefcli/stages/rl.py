@@ -420,7 +420,9 @@ def encode_prompts(tok: Tokenizer, prompts: list[list[dict]], context: int, max_
 
 
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    return a.hf.to_str() == b.hf.to_str()
+    from prefcli.tokenizer import same_tokenizer as same
+
+    return same(a, b)
 
 
 def load_value_model(ws: Workspace, cfg: RLConfig, policy_ref: str, tok: Tokenizer):
