@@ -72,3 +72,89 @@ def test_sft_from_a_folder_with_chat_template_jinja_keeps_the_template(cli, chat
     r = cli("-w", ws, "align", "--method", "dpo", "--data", files["pairs"], "--max-steps", "1", "--val-fraction", "0",
             *FAST, "--json")
     assert r.code == 0, r.stderr
+
+
+# ---------------------------------------------------------------- readers and row formats
+PAIR_ROWS = [{"prompt": q, "chosen": a, "rejected": "No. " + a} for q, a in CHAT_LINES]
+
+
+def test_a_save_to_disk_folder_is_read_as_rows_not_its_metadata(tmp_path):
+    import datasets
+
+    from prefcli.data.readers import expand_inputs, read_rows
+
+    datasets.Dataset.from_list(PAIR_ROWS).save_to_disk(str(tmp_path / "pairs"))
+    rows = read_rows([tmp_path / "pairs"], required=("prompt", "chosen", "rejected"))
+    assert [r["chosen"] for r in rows] == [a for _, a in CHAT_LINES]
+    assert rows[0]["_source"] == f"{tmp_path / 'pairs'}:1"
+    # a DatasetDict folder gives its train split; an .arrow shard reads on its own
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIR_ROWS[:3]),
+                          "test": datasets.Dataset.from_list(PAIR_ROWS[3:])}).save_to_disk(str(tmp_path / "dd"))
+    assert len(read_rows([tmp_path / "dd"])) == 3
+    assert len(read_rows([tmp_path / "dd" / "test"])) == 1
+    shard = next((tmp_path / "pairs").glob("*.arrow"))
+    assert len(read_rows([shard])) == 4
+    # a folder holding a saved dataset: its shards are data, its json metadata is not
+    assert [p.suffix for p in expand_inputs([tmp_path / "pairs"])] == [""]
+    import shutil as sh
+
+    sh.copytree(tmp_path / "pairs", tmp_path / "parent" / "pairs")
+    assert [p.suffix for p in expand_inputs([tmp_path / "parent"])] == [".arrow"]
+    assert len(read_rows([tmp_path / "parent"])) == 4
+
+
+def test_a_datasets_folder_without_the_package_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    import datasets
+
+    from prefcli.data.readers import read_rows
+
+    datasets.Dataset.from_list(PAIR_ROWS).save_to_disk(str(tmp_path / "pairs"))
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(PrefcliError) as e:
+        read_rows([tmp_path / "pairs"])
+    assert "needs the datasets package" in e.value.message and e.value.hint == "pip install 'prefcli[datasets]'"
+
+
+def test_a_hub_name_says_download_it_first(cli, chat_ws):
+    ws, _ = chat_ws
+    r = cli("-w", ws, "align", "--method", "dpo", "--policy", "base", "--data", "HuggingFaceH4/ultrafeedback_binarized")
+    assert r.code == 2
+    line = r.stderr.strip()
+    assert "\n" not in line  # one line
+    assert "HuggingFaceH4/ultrafeedback_binarized is not a local file or folder" in line
+    assert "download it first" in line and "load_dataset('HuggingFaceH4/ultrafeedback_binarized')" in line
+    assert "huggingface-cli download HuggingFaceH4/ultrafeedback_binarized --repo-type dataset" in line
+
+
+def test_sharegpt_rows_and_content_parts():
+    from prefcli.data.examples import chat_from_row, pair_from_row, prompt_from_row
+
+    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi?"},
+                                  {"from": "gpt", "value": "Hello."}], "_source": "f.jsonl:3"}
+    assert chat_from_row(sharegpt) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                                       {"role": "assistant", "content": "Hello."}]
+    assert prompt_from_row(sharegpt)[-1] == {"role": "user", "content": "Hi?"}
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Two "}, {"type": "text", "text": "plus?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Four."}]}]}
+    assert chat_from_row(parts)[0]["content"] == "Two plus?"
+    pair = pair_from_row({"prompt": [{"role": "user", "content": [{"type": "text", "text": "Q"}]}],
+                          "chosen": [{"from": "gpt", "value": "A"}], "rejected": [{"from": "gpt", "value": "B"}]})
+    assert pair.prompt[0]["content"] == "Q" and pair.chosen[0] == {"role": "assistant", "content": "A"}
+    with pytest.raises(PrefcliError, match=r"f.jsonl:3: message 0 of 'conversations' is from 'robot'"):
+        chat_from_row({"conversations": [{"from": "robot", "value": "x"}], "_source": "f.jsonl:3"})
+    with pytest.raises(PrefcliError, match="has a 'image_url' content part"):
+        chat_from_row({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]})
+
+
+def test_sft_trains_on_a_sharegpt_datasets_folder(cli, chat_ws, tmp_path):
+    import datasets
+
+    ws, _ = chat_ws
+    rows = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in CHAT_LINES]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "chats"))
+    r = cli("-w", ws, "align", "--method", "sft", "--data", tmp_path / "chats", "--max-steps", "1",
+            "--val-fraction", "0", *FAST, "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["examples"] == 4
