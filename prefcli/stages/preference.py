@@ -63,7 +63,8 @@ class PreferenceConfig(TrainingOptions):
     eval_every: int = 0
 
 
-DEFAULT_STEPS = 300  # ~5 passes over the 2,000 demo pairs at batch 32
+DEFAULT_STEPS = 300  # without data to count (not used when there is)
+DEFAULT_EPOCHS = 4.8  # 300 steps over the 2,000 demo pairs at batch 32
 _OPTION_NAMES = ("label_smoothing", "simpo_gamma", "desirable_weight", "undesirable_weight")
 
 
@@ -309,7 +310,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
             ref_logps = reference_logps(ref, train, tok.pad_id, cfg.batch_size, device, run_dir / "reference_logps.safetensors")
         if ref_model is not None:
             ref_model.cpu()  # off the device while the policy trains
-        tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
+        tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS)
         guard = preference_guard(cfg)
         trainer = Trainer(model, guard.watch(_loss_fn(cfg, spec, beta, opts, train, ref_logps, tok.pad_id, lambda: trainer.device)),
                           _batches(cfg, train), tcfg, run_dir, desc=f"{cfg.method} {out}" + (f" round {rnd}" if cfg.rounds > 1 else ""))

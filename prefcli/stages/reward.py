@@ -43,7 +43,8 @@ class RewardConfig(TrainingOptions):
 # ~3.4 passes over the 24,000 demo reward pairs at batch 32: judging correctness (a sum, a fact,
 # a name against the prompt) takes that long; at 150 steps the model is at chance on it. More
 # pairs, not more passes, is what helped: 1,200 steps over 6,000 pairs were no better than 600.
-DEFAULT_STEPS = 2400
+DEFAULT_STEPS = 2400  # without data to count (not used when there is)
+DEFAULT_EPOCHS = 3.4  # ~2,400 steps over the 24,000 demo pairs (less the validation share); 200 over 1,900
 
 
 def read_pairs(data: list[str]) -> tuple[list[Pair], list[dict]]:
@@ -120,7 +121,7 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
         from prefcli.data import demo
 
         heldout, _ = encode_pairs(tok, [pair_from_row(r) for r in demo.preference_pairs("heldout")], context)
-    tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
+    tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     pad = tok.pad_id
 

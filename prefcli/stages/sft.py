@@ -32,7 +32,8 @@ class SFTConfig(TrainingOptions):
     val_fraction: float = 0.05
 
 
-DEFAULT_STEPS = 150  # ~1.6 passes over the 3,000 demo chats at batch 32
+DEFAULT_STEPS = 150  # without data to count (not used when there is)
+DEFAULT_EPOCHS = 1.6  # 150 steps over the 3,000 demo chats at batch 32
 
 
 def conversations(data: list[str]) -> tuple[list[list[dict]], list[dict]]:
@@ -73,7 +74,7 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
     if not encoded:
         raise PrefcliError("--data: no conversation has an assistant token within the context", "use shorter conversations")
     train, val = split_val(encoded, cfg.val_fraction, cfg.seed)
-    tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
+    tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     pad = tok.pad_id
 

@@ -45,7 +45,8 @@ class SteerConfig(TrainingOptions):
     val_fraction: float = 0.05
 
 
-DEFAULT_STEPS = 300  # ~1.4 passes over the 7,000 labelled demo replies at batch 32
+DEFAULT_STEPS = 300  # without data to count (not used when there is)
+DEFAULT_EPOCHS = 1.4  # ~300 steps over the 7,000 labelled demo replies at batch 32
 
 
 # ----------------------------------------------------------------------------- labelled replies
@@ -171,7 +172,7 @@ def run(cfg: SteerConfig, ws: Workspace) -> dict:
     train, val = split_val(encoded, cfg.val_fraction, cfg.seed)
     label_mean = [sum(v[k] for _, v in train) / len(train) for k in range(len(attributes))]
     steering = Steering(attributes, model.config.hidden_size, sources=sources, label_mean=label_mean)
-    tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
+    tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     pad = tok.pad_id
 
