@@ -401,6 +401,7 @@ def eval_compare(
     model: Optional[list[str]] = typer.Option(None, "--model", help="Model to compare (repeat for several, side by side)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Model to compare against and take KL to (default: sft if it exists)."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Reward model that judges win rates and mean reward."),
+    judge_fn: Optional[list[str]] = typer.Option(None, "--judge-fn", help="Your judge: MODULE:FUNCTION(prompts, replies) -> scores, optionally =WEIGHT; repeatable (summed). Win rates and good-rates (score > 0)."),
     prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt rows ({prompt} or {messages}; .jsonl/.json/.parquet). Default: the 300 held-out demo prompts."),
     gold: bool = typer.Option(False, "--gold", help="Judge --prompts with the demo's gold judge (default for the demo prompts)."),
     limit: Optional[int] = typer.Option(None, "--limit", help=f"{LIMIT_HELP} prompts."),
@@ -424,7 +425,7 @@ def eval_compare(
     from prefcli.stages import evaluate as stage
 
     cfg = build_config(stage.CompareConfig, config, "eval-compare", model=model or None, reference=reference,
-                       judge_model=judge_model, prompts=prompts or None, gold=gold or None, limit=limit,
+                       judge_model=judge_model, judge_fn=judge_fn or None, prompts=prompts or None, gold=gold or None, limit=limit,
                        samples=samples, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                        kl=None if kl else False, prefer=prefer or None, batch_size=batch_size, seed=seed, device=device, out=out,
                        overwrite=overwrite or None, plot=plot or None)

@@ -158,3 +158,53 @@ def test_sft_trains_on_a_sharegpt_datasets_folder(cli, chat_ws, tmp_path):
             "--val-fraction", "0", *FAST, "--json")
     assert r.code == 0, r.stderr
     assert r.json()["examples"] == 4
+
+
+# ---------------------------------------------------------------- eval compare --judge-fn
+JUDGE = '''
+def score(prompts, replies):
+    return [1.0 if len(r) % 2 == 0 else -1.0 for r in replies]
+
+
+def half(prompts, replies):
+    return [0.5 for _ in replies]
+'''
+
+
+def test_eval_compare_by_the_users_judge(cli, chat_ws, tmp_path, monkeypatch):
+    ws, files = chat_ws
+    (tmp_path / "my_judge.py").write_text(JUDGE)
+    monkeypatch.chdir(tmp_path)  # the module is found next to where prefcli runs, as --reward-fn's
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q, _ in CHAT_LINES * 3])
+    assert cli("-w", ws, "align", "--method", "sft", "--policy", "base", "--data", files["chats"], "--max-steps", "3",
+               "--lr", "1e-2", "--val-fraction", "0", *FAST).code == 0
+    r = cli("-w", ws, "eval", "compare", "--model", "sft", "--reference", "base", "--prompts", prompts,
+            "--judge-fn", "my_judge:score=2", "--judge-fn", "my_judge:half", "--max-tokens", "8", "--json")
+    assert r.code == 0, r.stderr
+    doc = r.json()
+    assert doc["judge_fn"] == ["my_judge:score", "my_judge:half"] and not doc["gold_judge"]
+
+    def by_hand(text):
+        return 2 * (1.0 if len(text) % 2 == 0 else -1.0) + 0.5
+
+    mine = [row["replies"]["sft"][0] for row in doc["samples"]]
+    ref = [row["reference"][0] for row in doc["samples"]]
+    assert [s["judge"] for s in mine] == [by_hand(s["text"]) for s in mine]
+    good = sum(by_hand(s["text"]) > 0 for s in mine) / len(mine)
+    st = doc["models"]["sft"]
+    assert st["judge"]["good"]["rate"] == pytest.approx(good) and st["judge"]["good"]["n"] == 12
+    assert st["judge"]["score"]["mean"] == pytest.approx(sum(by_hand(s["text"]) for s in mine) / 12)
+    wins = [1.0 if by_hand(a["text"]) > by_hand(b["text"]) else 0.5 if by_hand(a["text"]) == by_hand(b["text"]) else 0.0
+            for a, b in zip(mine, ref)]
+    win = st["vs_reference"]["win_rate_judge"]
+    assert win["rate"] == pytest.approx(sum(wins) / 12)
+    lo, hi = win["ci"]
+    assert lo <= win["rate"] <= hi
+    assert doc["meta"]["metrics"]["sft/win_rate"] == pytest.approx(sum(wins) / 12)
+    assert {"kind": "reward_fn", "name": "my_judge:score"} in doc["meta"]["parents"]
+    # the table has the judge's rows; a bad spec names --judge-fn
+    r = cli("-w", ws, "eval", "compare", "--model", "sft", "--reference", "base", "--prompts", prompts,
+            "--judge-fn", "my_judge:score", "--max-tokens", "4", "--out", "t")
+    assert r.code == 0 and "judge good rate (score > 0)" in r.stderr and "(judge fn)" in r.stderr
+    r = cli("-w", ws, "eval", "compare", "--model", "sft", "--prompts", prompts, "--judge-fn", "my_judge:nope", "--out", "u")
+    assert r.code == 2 and "--judge-fn my_judge:nope: my_judge has no function nope" in r.stderr

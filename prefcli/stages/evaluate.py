@@ -40,6 +40,7 @@ from prefcli.generate import generate
 from prefcli.model import Transformer
 from prefcli.objectives.lm import token_logprobs
 from prefcli.progress import progress
+from prefcli.rewards import build_rewards
 from prefcli.stages.common import Loaded, load_model_artifact
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import resolve_device
@@ -347,7 +348,7 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
             reference_name: str = "reference", judge_model: Loaded | None = None, gold: bool | None = None,
             samples: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
             max_tokens: int = 64, seed: int = 0, batch_size: int = 64, kl: bool = True,
-            limit: int | None = None, offsets: dict[str, torch.Tensor] | None = None) -> dict:
+            limit: int | None = None, offsets: dict[str, torch.Tensor] | None = None, judge_fn=None) -> dict:
     """Sample replies from each model (and the reference) and measure them side by side.
 
     models: {name: Loaded} (only .model and .tokenizer are used). prompts: lists of chat
@@ -358,6 +359,8 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
     (ties count half), and KL(model || reference) estimated on the model's samples as the
     mean over samples of sum_t [log p(y_t) - log r(y_t)] (kl=True needs one tokenizer).
     offsets: {model name: steering vector's embedding offset} for steered models (`prefcli.steer`).
+    judge_fn: the user's judge (`rewards.Rewards` from --judge-fn MODULE:FUNCTION[=WEIGHT]): its
+    score per reply, good-rate (share of replies scoring above 0) and win rate, as the gold judge's.
     Returns the result dict documented in README (eval compare).
     """
     if prompts is None:
@@ -405,6 +408,9 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
         if gold:
             for s, t in zip(g, flat_texts):
                 s["gold"] = demo.judge(t, s["text"])
+        if judge_fn is not None:
+            for s, score in zip(g, judge_fn(flat_prompts, [s["text"] for s in g])[0]):
+                s["judge"] = score
         if judge_model is not None:
             rewards, _ = reward_scores(judge_model.model, judge_model.tokenizer,
                                        [(p, [{"role": "assistant", "content": s["text"]}]) for p, s in zip(flat_prompts, g)],
@@ -429,6 +435,9 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
                     [s["gold"]["overall"] for s in g], [s["gold"]["overall"] for s in ref_g]), samples))
                 stats_vs["win_rate_gold_by_attribute"] = {a: rate_summary(per_prompt(win_scores(
                     [s["gold"][a] for s in g], [s["gold"][a] for s in ref_g]), samples)) for a in demo.ATTRIBUTES}
+            if judge_fn is not None:
+                stats_vs["win_rate_judge"] = rate_summary(per_prompt(win_scores(
+                    [s["judge"] for s in g], [s["judge"] for s in ref_g]), samples))
             if judge_model is not None:
                 stats_vs["win_rate_reward"] = rate_summary(per_prompt(win_scores(
                     [s["reward"] for s in g], [s["reward"] for s in ref_g]), samples))
@@ -439,7 +448,7 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
 
     def reply(s: dict) -> dict:
         keep = {"text": s["text"], "tokens": s["length"], "finished": s["finished"]}
-        keep.update({k: s[k] for k in ("gold", "reward", "kl") if k in s})
+        keep.update({k: s[k] for k in ("gold", "judge", "reward", "kl") if k in s})
         return keep
 
     sample_rows = []
@@ -465,6 +474,7 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
         "sampling": {k: v for k, v in sampling.items() if k != "samples"},
         "gold_judge": bool(gold),
         "judge_model": judge_model is not None,
+        "judge_fn": [src.name for src in judge_fn.sources] if judge_fn is not None else None,
         "reference": reference_name if reference is not None else None,
         "models": {name: stats[name] for name in models},
         "reference_stats": stats[reference_name] if reference is not None else None,
@@ -489,6 +499,9 @@ def _model_stats(g: list[dict], samples: int, categories: list, gold: bool) -> d
         for i, cat in enumerate(categories):
             by_cat.setdefault(cat, []).extend(float(s["gold"]["good"]) for s in g[i * samples:(i + 1) * samples])
         out["gold_good_by_category"] = {c: rate_summary(per_prompt(v, samples)) for c, v in by_cat.items()}
+    if "judge" in g[0]:  # the user's judge: good = a score above 0
+        out["judge"] = {"good": rate_summary(per_prompt([float(s["judge"] > 0) for s in g], samples)),
+                        "score": mean_summary(per_prompt([s["judge"] for s in g], samples))}
     if "reward" in g[0]:
         out["reward"] = mean_summary(per_prompt([s["reward"] for s in g], samples))
     return out
@@ -527,6 +540,7 @@ class CompareConfig:
     model: list[str] = field(default_factory=list)
     reference: str | None = None  # None: sft when it exists
     judge_model: str | None = None
+    judge_fn: list[str] = field(default_factory=list)  # MODULE:FUNCTION[=WEIGHT], as --reward-fn; summed
     prompts: list[str] = field(default_factory=list)  # empty: the demo eval prompts
     gold: bool = False
     limit: int | None = None
@@ -708,6 +722,7 @@ def run_compare(cfg: CompareConfig, ws: Workspace) -> dict:
 
         models, offsets = steered_models(models, cfg.prefer)
     judge = load_model_artifact(ws, cfg.judge_model, "--judge-model", kind="reward", device=device) if cfg.judge_model else None
+    judge_fn = build_rewards(ws, (), cfg.judge_fn, device, fn_option="--judge-fn") if cfg.judge_fn else None
     for x in (reference, judge):
         if x is not None:
             x.model.eval()
@@ -721,13 +736,14 @@ def run_compare(cfg: CompareConfig, ws: Workspace) -> dict:
     res = compare(models, reference, prompts, reference_name=display_name(reference) if reference else "reference",
                   judge_model=judge, gold=gold, samples=cfg.samples, temperature=cfg.temperature, top_k=cfg.top_k,
                   top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
-                  kl=cfg.kl, limit=cfg.limit, offsets=offsets)
-    parents += [x.parent() for x in (reference, judge) if x is not None] + data_parents
+                  kl=cfg.kl, limit=cfg.limit, offsets=offsets, judge_fn=judge_fn)
+    parents += [x.parent() for x in (reference, judge) if x is not None] + (judge_fn.parents if judge_fn else []) + data_parents
     metrics = {}
     for m, st in res["models"].items():
         vs = st.get("vs_reference", {})
-        for key, value in (("win_rate", vs.get("win_rate_gold") or vs.get("win_rate_reward")),
-                           ("good_rate", st.get("gold", {}).get("good")), ("kl", vs.get("kl"))):
+        for key, value in (("win_rate", vs.get("win_rate_gold") or vs.get("win_rate_judge") or vs.get("win_rate_reward")),
+                           ("good_rate", st.get("gold", {}).get("good") or st.get("judge", {}).get("good")),
+                           ("kl", vs.get("kl"))):
             if value:
                 metrics[f"{m}/{key}"] = value.get("rate", value.get("mean"))
     result = {**res, "seconds": round(time.time() - t0, 2)}
@@ -812,6 +828,9 @@ def compare_table(doc: dict):
         t.add_row(label, *[get(st) for _, st in cols])
 
     vs = lambda st: st.get("vs_reference") or {}  # noqa: E731
+    if doc.get("judge_fn"):
+        row("judge good rate (score > 0)", lambda st: _rate(st["judge"]["good"]))
+        row("mean judge score", lambda st: _mean(st["judge"]["score"]))
     if doc["gold_judge"]:
         row("gold good rate", lambda st: _rate(st["gold"]["good"]))
         for a in demo.ATTRIBUTES:
@@ -821,6 +840,8 @@ def compare_table(doc: dict):
             row(f"win rate vs {doc['reference']} (gold)", lambda st: _rate(vs(st).get("win_rate_gold")))
             for a in demo.ATTRIBUTES:
                 row(f"  {a}", lambda st, a=a: _rate((vs(st).get("win_rate_gold_by_attribute") or {}).get(a)))
+        if doc.get("judge_fn"):
+            row(f"win rate vs {doc['reference']} (judge fn)", lambda st: _rate(vs(st).get("win_rate_judge")))
         if doc["judge_model"]:
             row(f"win rate vs {doc['reference']} (judge RM)", lambda st: _rate(vs(st).get("win_rate_reward")))
     if doc["judge_model"]:
