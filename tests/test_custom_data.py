@@ -208,3 +208,39 @@ def test_eval_compare_by_the_users_judge(cli, chat_ws, tmp_path, monkeypatch):
     assert r.code == 0 and "judge good rate (score > 0)" in r.stderr and "(judge fn)" in r.stderr
     r = cli("-w", ws, "eval", "compare", "--model", "sft", "--prompts", prompts, "--judge-fn", "my_judge:nope", "--out", "u")
     assert r.code == 2 and "--judge-fn my_judge:nope: my_judge has no function nope" in r.stderr
+
+
+# ---------------------------------------------------------------- the demo default, for demo models only
+def test_descends_from_demo_follows_lineage(tmp_path):
+    from prefcli.data.demo import descends_from_demo
+
+    def artifact(name, parents):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"name": name, "parents": parents}))
+        return {"kind": "models", "name": name, "path": str(tmp_path / name)}
+
+    tok = artifact("tok", [{"kind": "input", "name": "demo corpus (built-in, seed 0)"}])
+    base = artifact("base", [{"kind": "tokenizers", "name": "tok", "path": tok["path"]}])
+    sft = artifact("sft", [base, {"kind": "input", "path": "/data/chats.jsonl"}])
+    mine = artifact("mine", [{"kind": "input", "path": "/data/corpus.txt", "size": 10}])
+    mine_sft = artifact("mine-sft", [mine, {"kind": "input", "path": "/data/chats.jsonl"}])
+    assert descends_from_demo(tmp_path / "sft") and descends_from_demo(tmp_path / "tok")
+    assert not descends_from_demo(tmp_path / "mine-sft") and not descends_from_demo(tmp_path / "mine")
+    assert descends_from_demo({"parents": [{"kind": "demo", "name": "eval_prompts"}]})
+    assert not descends_from_demo(tmp_path / "nowhere")  # an HF folder made elsewhere: no meta.json
+    assert sft and mine_sft
+
+
+def test_a_model_of_your_own_needs_prompts(cli, chat_ws, tmp_path):
+    from conftest import tree_snapshot
+
+    ws, _ = chat_ws  # 'base' records no demo data in its lineage
+    before = tree_snapshot(ws)
+    for args in (["align", "--method", "rloo", "--policy", "base", "--reward-fn", "demo", "--max-tokens", "8"],
+                 ["align", "--method", "dpo", "--policy", "base", "--pairs-from-policy", "4", "--reward-fn", "demo", "--max-tokens", "8"],
+                 ["eval", "compare", "--model", "base"]):
+        r = cli("-w", ws, *args)
+        assert r.code == 2, (args, r.stderr)
+        assert "--prompts: no prompts given, and base was not made from the built-in demo data" in r.stderr
+        assert "pass --prompts FILE" in r.stderr
+    assert tree_snapshot(ws) == before

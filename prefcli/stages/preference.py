@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
+from prefcli.data.demo.lineage import require_prompts_unless_demo
 from prefcli.data.examples import Encoded, Pair, encode_completion, pad_batch, pair_from_row, prompt_from_row
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
@@ -274,6 +275,8 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
     if cfg.pairs_from_policy:
         rewards = build_rewards(ws, cfg.judge_model, cfg.reward_fn, "cpu", model_option="--judge-model")
         parents += rewards.parents
+        if not cfg.prompts:  # the demo's RL prompts suit only models made from the demo data
+            require_prompts_unless_demo({cfg.policy: policy.meta})
         prompts = _prompts(cfg)
         inputs = [{"kind": "input", "name": "on-policy pairs"}]
     else:

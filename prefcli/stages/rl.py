@@ -45,6 +45,7 @@ import torch.nn as nn
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
+from prefcli.data.demo.lineage import require_prompts_unless_demo
 from prefcli.data.examples import prompt_from_row
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
@@ -481,6 +482,8 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
         reward_models = ["rm"]
         cfg.reward_model = reward_models
     rewards = build_rewards(ws, reward_models, cfg.reward_fn, device)
+    if not cfg.prompts:  # the demo's RL prompts suit only models made from the demo data
+        require_prompts_unless_demo({cfg.policy: policy.meta})
     prompts, inputs = read_prompts(cfg)
     prompts, prompt_ids = encode_prompts(tok, prompts, context, cfg.max_tokens)
     parents = [policy.parent(), *rewards.parents, *inputs]
