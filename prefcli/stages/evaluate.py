@@ -731,7 +731,7 @@ def run_compare(cfg: CompareConfig, ws: Workspace) -> dict:
         data_parents = [{"kind": "files", "name": Path(p).name, "path": str(Path(p).resolve())} for p in cfg.prompts]
         gold = cfg.gold
     else:
-        demo.require_prompts_unless_demo({n: lm.meta for n, lm in models.items()})  # demo prompts: demo models only
+        demo.require_prompts_unless_demo({p["name"]: p["path"] for p in parents})  # demo prompts: demo models only
         prompts, gold = None, True
         data_parents = [{"kind": "demo", "name": "eval_prompts"}]
     res = compare(models, reference, prompts, reference_name=display_name(reference) if reference else "reference",
