@@ -186,7 +186,7 @@ def align(
     simpo_gamma: Optional[float] = typer.Option(None, "--simpo-gamma", help="simpo: target reward margin gamma (default 0.5)."),
     desirable_weight: Optional[float] = typer.Option(None, "--desirable-weight", help="kto: weight of desirable replies."),
     undesirable_weight: Optional[float] = typer.Option(None, "--undesirable-weight", help="kto: weight of undesirable replies."),
-    rpo_alpha: Optional[float] = typer.Option(None, "--rpo-alpha", help="Add A x NLL of the chosen reply to the pair loss (RPO); keeps tiny models stable."),
+    rpo_alpha: Optional[float] = typer.Option(None, "--rpo-alpha", help="Add A x NLL of the chosen reply to the pair loss (RPO); keeps DPO from collapsing (default 1, orpo 0)."),
     pairs_from_policy: Optional[int] = typer.Option(None, "--pairs-from-policy", help="Build pairs from N policy samples per prompt: best vs worst by --judge-model / --reward-fn."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="With --pairs-from-policy: repeat sample, rank, train K times (iterative DPO)."),
     prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt rows (prompt or messages) to sample from (default: the built-in RL prompts)."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -244,3 +245,61 @@ def test_a_model_of_your_own_needs_prompts(cli, chat_ws, tmp_path):
         assert "--prompts: no prompts given, and base was not made from the built-in demo data" in r.stderr
         assert "pass --prompts FILE" in r.stderr
     assert tree_snapshot(ws) == before
+
+
+# ---------------------------------------------------------------- default steps are passes over the data
+def test_default_steps_scale_with_the_data():
+    from prefcli.stages import preference, reward, sft
+    from prefcli.stages.common import train_config
+
+    rcfg = reward.RewardConfig()
+    # 3.4 passes: 1,900 pairs at batch 32 -> ceil(3.4 * 1900 / 32) = 202 steps; the demo's 22,800 -> 2,423
+    assert train_config(rcfg, 1900, reward.DEFAULT_STEPS, reward.DEFAULT_EPOCHS).max_steps == 202
+    assert train_config(rcfg, 22800, reward.DEFAULT_STEPS, reward.DEFAULT_EPOCHS).max_steps == 2423
+    pcfg = preference.PreferenceConfig()
+    assert train_config(pcfg, 2000, preference.DEFAULT_STEPS, preference.DEFAULT_EPOCHS).max_steps == 300  # the demo
+    assert train_config(pcfg, 200, preference.DEFAULT_STEPS, preference.DEFAULT_EPOCHS).max_steps == 30
+    scfg = sft.SFTConfig()
+    assert train_config(scfg, 2850, sft.DEFAULT_STEPS, sft.DEFAULT_EPOCHS).max_steps == 143  # demo: ~150 as before
+    # --max-steps and --epochs still win; no count: the fixed default
+    assert train_config(reward.RewardConfig(max_steps=7), 1900, 2400, 3.4).max_steps == 7
+    assert train_config(reward.RewardConfig(epochs=1.0), 1900, 2400, 3.4).max_steps == 60
+    assert train_config(rcfg, None, 2400, 3.4).max_steps == 2400
+
+
+def test_rl_default_steps_are_passes_over_the_prompts():
+    from prefcli.stages.rl import RLConfig, resolve
+
+    for method in ("ppo", "grpo", "rloo"):
+        cfg = resolve(RLConfig(method=method))
+        per_batch = cfg.batch_size // cfg.num_generations  # prompts per batch of rollouts
+        assert math.ceil(cfg.epochs * 1000 / per_batch) * cfg.ppo_epochs == 300  # the demo's 1,000 prompts
+    assert resolve(RLConfig(method="rloo", max_steps=5)).epochs is None
+
+
+def test_dpo_defaults_to_an_nll_term_except_orpo():
+    from prefcli.stages.preference import PreferenceConfig, resolve
+
+    assert resolve(PreferenceConfig(method="dpo")).rpo_alpha == 1.0
+    assert resolve(PreferenceConfig(method="orpo")).rpo_alpha == 0.0
+    assert resolve(PreferenceConfig(method="dpo", rpo_alpha=0.0)).rpo_alpha == 0.0
+
+
+# ---------------------------------------------------------------- the collapse guard, end to end
+def test_a_collapsing_dpo_run_is_stopped_and_nothing_is_saved(cli, chat_ws):
+    ws, files = chat_ws
+    args = ["-w", ws, "align", "--method", "dpo", "--policy", "base", "--data", files["pairs"], "--rpo-alpha", "0",
+            "--lr", "0.05", "--max-steps", "60", "--val-fraction", "0", *FAST]
+    r = cli(*args)
+    assert r.code == 1, r.stderr
+    line = r.stderr.strip().splitlines()[-1]  # after the progress lines: one error line
+    assert line.startswith("error: collapse guard: chosen log-prob fell")
+    assert "rerun with --rpo-alpha 1 or a lower --lr" in line and "the model was not saved" in line
+    assert not (ws / "models/dpo").exists()
+    steps = [json.loads(x)["step"] for x in (ws / "runs/dpo/metrics.jsonl").read_text().splitlines()]
+    assert steps and max(steps) < 60  # stopped early
+    # --guard warn trains on, saves the model and records the warning
+    r = cli(*args, "--guard", "warn", "--overwrite", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["guard_warning"].startswith("chosen log-prob fell")
+    assert "warning: collapse guard: chosen log-prob fell" in r.stderr

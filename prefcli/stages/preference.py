@@ -48,7 +48,10 @@ class PreferenceConfig(TrainingOptions):
     simpo_gamma: float | None = None
     desirable_weight: float | None = None
     undesirable_weight: float | None = None
-    rpo_alpha: float = 0.0
+    # NLL of the chosen reply added to the pair loss; None: 1 (0 for orpo, which has its own).
+    # Without it DPO at this lr collapses on custom pairs (chosen log-probs fall, replies degenerate);
+    # the demo's measured figures were all made with 1 (examples/custom_task/README.md).
+    rpo_alpha: float | None = None
     # On-policy pairs: N samples per prompt, best vs worst by a judge; repeated for `rounds`.
     pairs_from_policy: int = 0
     rounds: int = 1
@@ -64,9 +67,17 @@ class PreferenceConfig(TrainingOptions):
     eval_every: int = 0
 
 
+DEFAULT_RPO_ALPHA = {"orpo": 0.0}  # every other method: 1.0
 DEFAULT_STEPS = 300  # without data to count (not used when there is)
 DEFAULT_EPOCHS = 4.8  # 300 steps over the 2,000 demo pairs at batch 32
 _OPTION_NAMES = ("label_smoothing", "simpo_gamma", "desirable_weight", "undesirable_weight")
+
+
+def resolve(cfg: PreferenceConfig) -> PreferenceConfig:
+    """The defaults filled in at run time, as meta.json records them (the pipeline mirrors this)."""
+    if cfg.rpo_alpha is None:
+        cfg.rpo_alpha = DEFAULT_RPO_ALPHA.get(cfg.method, 1.0)
+    return cfg
 
 
 def method_options(cfg: PreferenceConfig) -> dict:
@@ -257,6 +268,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
     if cfg.method not in METHODS:
         raise PrefcliError(f"--method {cfg.method}: unknown preference method", f"choose one of {', '.join(METHODS)}")
     spec = METHODS[cfg.method]
+    cfg = resolve(cfg)
     opts = method_options(cfg)
     beta = cfg.beta if cfg.beta is not None else spec.defaults["beta"]
     if cfg.rounds < 1 or cfg.pairs_from_policy < 0:
