@@ -48,6 +48,11 @@ class Thresholds:
     window: int = 10
 
 
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise PrefcliError(f"--guard {mode}: unknown mode", f"choose one of {', '.join(MODES)}")
+
+
 def distinct_2(tokens: list) -> float:
     """Distinct bigrams / bigrams of one reply (1.0 for replies under two tokens)."""
     pairs = list(zip(tokens, tokens[1:]))
@@ -62,8 +67,7 @@ class CollapseGuard:
     """
 
     def __init__(self, mode: str = "stop", kind: str = "preference", fix: str = "", thresholds: Thresholds | None = None):
-        if mode not in MODES:
-            raise PrefcliError(f"--guard {mode}: unknown mode", f"choose one of {', '.join(MODES)}")
+        check_mode(mode)
         self.mode, self.kind, self.fix = mode, kind, fix
         self.t = thresholds or Thresholds()
         self.start: dict[str, list[float]] = {}

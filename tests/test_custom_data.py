@@ -253,14 +253,14 @@ def test_default_steps_scale_with_the_data():
     from prefcli.stages.common import train_config
 
     rcfg = reward.RewardConfig()
-    # 3.4 passes: 1,900 pairs at batch 32 -> ceil(3.4 * 1900 / 32) = 202 steps; the demo's 22,800 -> 2,423
-    assert train_config(rcfg, 1900, reward.DEFAULT_STEPS, reward.DEFAULT_EPOCHS).max_steps == 202
-    assert train_config(rcfg, 22800, reward.DEFAULT_STEPS, reward.DEFAULT_EPOCHS).max_steps == 2423
+    # 3.37 passes: 1,900 pairs at batch 32 -> ceil(3.37 * 1900 / 32) = 201 steps; the demo's 22,800 -> 2,402
+    assert train_config(rcfg, 1900, reward.DEFAULT_STEPS, reward.DEFAULT_EPOCHS).max_steps == 201
+    assert train_config(rcfg, 22800, reward.DEFAULT_STEPS, reward.DEFAULT_EPOCHS).max_steps == 2402
     pcfg = preference.PreferenceConfig()
     assert train_config(pcfg, 2000, preference.DEFAULT_STEPS, preference.DEFAULT_EPOCHS).max_steps == 300  # the demo
     assert train_config(pcfg, 200, preference.DEFAULT_STEPS, preference.DEFAULT_EPOCHS).max_steps == 30
     scfg = sft.SFTConfig()
-    assert train_config(scfg, 2850, sft.DEFAULT_STEPS, sft.DEFAULT_EPOCHS).max_steps == 143  # demo: ~150 as before
+    assert train_config(scfg, 2850, sft.DEFAULT_STEPS, sft.DEFAULT_EPOCHS).max_steps == 150  # the demo, as before
     # --max-steps and --epochs still win; no count: the fixed default
     assert train_config(reward.RewardConfig(max_steps=7), 1900, 2400, 3.4).max_steps == 7
     assert train_config(reward.RewardConfig(epochs=1.0), 1900, 2400, 3.4).max_steps == 60

@@ -75,8 +75,11 @@ _OPTION_NAMES = ("label_smoothing", "simpo_gamma", "desirable_weight", "undesira
 
 def resolve(cfg: PreferenceConfig) -> PreferenceConfig:
     """The defaults filled in at run time, as meta.json records them (the pipeline mirrors this)."""
+    from prefcli.guard import check_mode
+
     if cfg.rpo_alpha is None:
         cfg.rpo_alpha = DEFAULT_RPO_ALPHA.get(cfg.method, 1.0)
+    check_mode(cfg.guard)
     return cfg
 
 

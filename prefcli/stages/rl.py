@@ -50,10 +50,10 @@ from prefcli.data.examples import prompt_from_row
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.generate import Completion, generate
+from prefcli.guard import CollapseGuard, check_mode, distinct_2
 from prefcli.model import Transformer
 from prefcli.objectives import rl
 from prefcli.objectives.lm import token_logprobs
-from prefcli.guard import CollapseGuard, distinct_2
 from prefcli.rewards import build_rewards
 from prefcli.stages.common import load_model_artifact, note, prepare_run, save_model_artifact
 from prefcli.tokenizer import Tokenizer
@@ -152,6 +152,7 @@ def resolve(cfg: RLConfig) -> RLConfig:
         raise PrefcliError(f"--kl-target {cfg.kl_target}: needs a target > 0 and a starting --kl-coef > 0")
     if cfg.ppo_epochs < 1 or (cfg.method == "rloo" and cfg.ppo_epochs != 1):
         raise PrefcliError(f"--ppo-epochs {cfg.ppo_epochs}: " + ("rloo is on-policy REINFORCE: use 1" if cfg.method == "rloo" else "must be at least 1"))
+    check_mode(cfg.guard)
     if cfg.temperature <= 0:
         raise PrefcliError(f"--temperature {cfg.temperature}: online RL samples, it needs a temperature > 0", "use 1.0")
     if cfg.max_tokens < 1:
