@@ -7,6 +7,7 @@
 #   CORPUS=FILE   text to pretrain on          (default: the built-in demo corpus)
 #   CHATS=FILE    conversations for sft        (default: the built-in demo chats)
 #   PAIRS=FILE    preference pairs for the reward model and dpo (default: the built-in demo pairs)
+#   PROMPTS=FILE  held-out prompts for eval compare (default: the demo's; needed with CORPUS)
 #   PREFCLI=CMD   how to call prefcli          (default: prefcli; e.g. PREFCLI="python -m prefcli")
 #
 # Every command passes --overwrite, so the script can be run again: it rebuilds
@@ -39,6 +40,6 @@ pf pretrain "${PRETRAIN[@]}" --overwrite                                        
 pf align --method sft ${CHATS:+--data "$CHATS"} "${SFT[@]}" --overwrite               # models/sft
 pf reward train ${PAIRS:+--data "$PAIRS"} "${REWARD[@]}" --overwrite                  # models/rm
 pf align --method dpo --rpo-alpha 1.0 ${PAIRS:+--data "$PAIRS"} "${DPO[@]}" --overwrite  # models/dpo
-pf eval compare --model dpo --judge-model rm "${EVAL[@]}" --overwrite                 # evals/compare-dpo.json
+pf eval compare --model dpo --judge-model rm ${PROMPTS:+--prompts "$PROMPTS"} "${EVAL[@]}" --overwrite                 # evals/compare-dpo.json
 
 echo "done: chat with the result:  prefcli -w $WS chat --model dpo" >&2

@@ -136,7 +136,7 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
             reference_name: str = "reference", judge_model=None, gold: bool | None = None,
             samples: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
             max_tokens: int = 64, seed: int = 0, batch_size: int = 64, kl: bool = True,
-            limit: int | None = None, offsets: dict[str, torch.Tensor] | None = None) -> dict:
+            limit: int | None = None, offsets: dict[str, torch.Tensor] | None = None, judge_fn=None) -> dict:
     """Sample replies from each model (and the reference) and measure them side by side.
 
     models: {name: Loaded} (only .model and .tokenizer are used). prompts: lists of chat
@@ -148,6 +148,8 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
     (ties count half), and KL(model || reference) estimated on the model's samples as the
     mean over samples of sum_t [log p(y_t) - log r(y_t)] (kl=True needs one tokenizer).
     offsets: {model name: steering vector's embedding offset} for steered models (`prefcli.steer`).
+    judge_fn: the user's judge (`rewards.Rewards` from --judge-fn MODULE:FUNCTION[=WEIGHT]): its
+    score per reply, good-rate (share of replies scoring above 0) and win rate, as the gold judge's.
     Returns the result dict documented in README (eval compare).
     """
     if prompts is None:
@@ -195,6 +197,9 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
         if gold:
             for s, t in zip(g, flat_texts):
                 s["gold"] = demo.judge(t, s["text"])
+        if judge_fn is not None:
+            for s, score in zip(g, judge_fn(flat_prompts, [s["text"] for s in g])[0]):
+                s["judge"] = score
         if judge_model is not None:
             for s, r in zip(g, _judge(judge_model, flat_prompts, [s["text"] for s in g], batch_size)):
                 s["reward"] = r
@@ -216,6 +221,9 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
                     [s["gold"]["overall"] for s in g], [s["gold"]["overall"] for s in ref_g]), samples))
                 stats_vs["win_rate_gold_by_attribute"] = {a: rate_summary(per_prompt(win_scores(
                     [s["gold"][a] for s in g], [s["gold"][a] for s in ref_g]), samples)) for a in demo.ATTRIBUTES}
+            if judge_fn is not None:
+                stats_vs["win_rate_judge"] = rate_summary(per_prompt(win_scores(
+                    [s["judge"] for s in g], [s["judge"] for s in ref_g]), samples))
             if judge_model is not None:
                 stats_vs["win_rate_reward"] = rate_summary(per_prompt(win_scores(
                     [s["reward"] for s in g], [s["reward"] for s in ref_g]), samples))
@@ -226,7 +234,7 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
 
     def reply(s: dict) -> dict:
         keep = {"text": s["text"], "tokens": s["length"], "finished": s["finished"]}
-        keep.update({k: s[k] for k in ("gold", "reward", "kl") if k in s})
+        keep.update({k: s[k] for k in ("gold", "judge", "reward", "kl") if k in s})
         return keep
 
     sample_rows = []
@@ -252,6 +260,7 @@ def compare(models: dict[str, Loaded], reference: Loaded | None = None, prompts:
         "sampling": {k: v for k, v in sampling.items() if k != "samples"},
         "gold_judge": bool(gold),
         "judge_model": judge_model is not None,
+        "judge_fn": [src.name for src in judge_fn.sources] if judge_fn is not None else None,
         "reference": reference_name if reference is not None else None,
         "models": {name: stats[name] for name in models},
         "reference_stats": stats[reference_name] if reference is not None else None,
@@ -284,6 +293,9 @@ def _model_stats(g: list[dict], samples: int, categories: list, gold: bool) -> d
         for i, cat in enumerate(categories):
             by_cat.setdefault(cat, []).extend(float(s["gold"]["good"]) for s in g[i * samples:(i + 1) * samples])
         out["gold_good_by_category"] = {c: rate_summary(per_prompt(v, samples)) for c, v in by_cat.items()}
+    if "judge" in g[0]:  # the user's judge: good = a score above 0
+        out["judge"] = {"good": rate_summary(per_prompt([float(s["judge"] > 0) for s in g], samples)),
+                        "score": mean_summary(per_prompt([s["judge"] for s in g], samples))}
     if "reward" in g[0]:
         out["reward"] = mean_summary(per_prompt([s["reward"] for s in g], samples))
     return out

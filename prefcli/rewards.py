@@ -123,7 +123,7 @@ class Rewards:
 
 
 def build_rewards(ws: Workspace, reward_models: list[str] = (), reward_fns: list[str] = (), device="cpu",
-                  model_option: str = "--reward-model") -> Rewards:
+                  model_option: str = "--reward-model", fn_option: str = "--reward-fn") -> Rewards:
     sources = []
     for spec in reward_models:
         name, weight = split_weight(spec, model_option)
@@ -132,7 +132,7 @@ def build_rewards(ws: Workspace, reward_models: list[str] = (), reward_fns: list
         scorer = RewardScorer(ws, name, model_option, device)
         sources.append(Source(f"rm:{name}", weight, lambda p, r, s=scorer: s(p, r), scorer.parent))
     for spec in reward_fns:
-        name, weight = split_weight(spec, "--reward-fn")
-        fn = demo_judge_source() if name == "demo" else python_source(name)
+        name, weight = split_weight(spec, fn_option)
+        fn = demo_judge_source() if name == "demo" else python_source(name, fn_option)
         sources.append(Source(name, weight, fn, {"kind": "reward_fn", "name": name}))
     return Rewards(sources)

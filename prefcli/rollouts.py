@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from prefcli import distributed as dist
 from prefcli.generate import Completion
+from prefcli.guard import distinct_2
 from prefcli.inference import reply_logits, reply_token_logps, sample_ids
 from prefcli.model import Transformer
 from prefcli.objectives import rl
@@ -176,6 +177,8 @@ class Rollouts:
             "reward": scores.mean(), "reward_std": scores.std() if len(scores) > 1 else torch.zeros(()),
             **{f"reward/{name}": value for name, value in parts.items()},
             "reply_len": lengths.mean(), "truncated": (~r.finished).float().mean(), "kl_coef": kl_coef,
+            # the collapse guard (prefcli/guard.py) watches replies turning repetitive
+            "distinct2": torch.tensor(sum(distinct_2(s["tokens"]) for s in samples) / max(1, len(samples))),
         }
         if seq_kl is not None:
             r.metrics["kl"] = seq_kl.mean()

@@ -18,7 +18,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from prefcli.chat_format import BOS, CHAT_TEMPLATE, END, EOS, PAD, SPECIAL_TOKENS, render_chat
 from prefcli.errors import PrefcliError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# chat_template.jinja: where transformers 5 writes the template (tokenizer_config.json no longer holds it)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _BYTE_ALPHABET = 256
 
 
@@ -85,6 +86,42 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
+def encoding_identity(tokenizer_json: str) -> str:
+    """sha256 of what decides the ids and the text: model (vocabulary, merges), added and special
+    tokens, normaliser, pre-tokeniser, decoder, and the post-processor unless it adds no token.
+
+    Not the file's bytes: transformers 5 rewrites tokenizer.json on save_pretrained with a
+    post-processor that only passes the sequence through (and may drop or add padding and
+    truncation settings), which changes no id.
+    """
+    import hashlib
+
+    doc = json.loads(tokenizer_json)
+    post = doc.get("post_processor")
+    if _adds_no_tokens(post):
+        post = None
+    added = sorted((t.get("id"), t.get("content"), bool(t.get("special"))) for t in doc.get("added_tokens") or [])
+    keep = {"model": doc.get("model"), "added_tokens": added, "normalizer": doc.get("normalizer"),
+            "pre_tokenizer": doc.get("pre_tokenizer"), "decoder": doc.get("decoder"), "post_processor": post}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+def _adds_no_tokens(post) -> bool:
+    """A post-processor that changes no ids: none, ByteLevel (offsets only), or a template of bare sequences."""
+    if post is None or post.get("type") == "ByteLevel":
+        return True
+    if post.get("type") == "TemplateProcessing":
+        return all("Sequence" in piece for piece in post.get("single", []) + post.get("pair", []))
+    if post.get("type") == "Sequence":
+        return all(_adds_no_tokens(p) for p in post.get("processors", []))
+    return False
+
+
+def same_tokenizer(a: "Tokenizer", b: "Tokenizer") -> bool:
+    """The same ids for the same text (see encoding_identity)."""
+    return a.identity == b.identity
+
+
 class Tokenizer:
     """A loaded tokenizer: encode/decode, special ids, and chat rendering with assistant masks."""
 
@@ -104,13 +141,20 @@ class Tokenizer:
         if isinstance(self.chat_template, list):  # HF allows named templates
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default") or next(iter(named.values()))
-        if self.chat_template is None and (folder / "chat_template.jinja").is_file():
+        if (folder / "chat_template.jinja").is_file():  # transformers 5's place for it, and its first choice
             self.chat_template = (folder / "chat_template.jinja").read_text()
         self._own_format = self.chat_template == CHAT_TEMPLATE
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token = _token_str(self.config.get("eos_token"))
         self.pad_token = _token_str(self.config.get("pad_token"))
         self._jinja = None
+        self._identity: str | None = None
+
+    @property
+    def identity(self) -> str:
+        if self._identity is None:
+            self._identity = encoding_identity(self.hf.to_str())
+        return self._identity
 
     # ---- ids ---------------------------------------------------------------
     @property
@@ -256,13 +300,3 @@ def iter_text_chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-
-def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    """The same ids for the same text: byte-identical tokenizer.json files (quick), or equal
-    serialized tokenizers. What a reference, value or steered model needs to read a policy's tokens."""
-    fa, fb = Path(a.folder) / "tokenizer.json", Path(b.folder) / "tokenizer.json"
-    if fa.is_file() and fb.is_file() and fa.read_bytes() == fb.read_bytes():
-        return True
-    return a.hf.to_str() == b.hf.to_str()

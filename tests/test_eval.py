@@ -55,9 +55,13 @@ def tiny(vocab: int, seed: int = 0, context: int = 64, **kw) -> Transformer:
     return Transformer(make_config("tiny", vocab, layers=1, dim=32, heads=2, context=context), **kw)
 
 
+DEMO_INPUT = {"kind": "input", "name": "demo corpus (built-in, seed 0)"}
+
+
 def save(ws, name: str, model: Transformer, tokenizer: str = "default", kind: str = "causal_lm"):
+    # Recorded as made from the demo data, so the demo eval prompts are its default (data.demo.lineage).
     save_model_artifact(Workspace(ws), name, model, ws / "tokenizers" / tokenizer, kind=kind, stage="test",
-                        config={}, parents=[], metrics={}, overwrite=True, chat=True)
+                        config={}, parents=[DEMO_INPUT], metrics={}, overwrite=True, chat=True)
     return ws / "models" / name
 
 

@@ -50,7 +50,8 @@ def data(tmp_path, small_corpus):
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in CHAT_LINES * 2])
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt": q, "chosen": a, "rejected": "No. Go away."} for q, a in CHAT_LINES * 2])
-    return {"corpus": small_corpus, "chats": chats, "pairs": pairs, "pretrain": TINY_PRETRAIN}
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q, _ in CHAT_LINES])
+    return {"corpus": small_corpus, "chats": chats, "pairs": pairs, "prompts": prompts, "pretrain": TINY_PRETRAIN}
 
 
 def created(ws: Path) -> dict:
@@ -265,7 +266,8 @@ def test_examples_script_and_pipeline_file_are_the_same_workflow(cli, tmp_path, 
     script = Path(sys.executable).with_name("prefcli")
     prefcli = str(script) if script.is_file() else shutil.which("prefcli") or f"{sys.executable} -m prefcli"
     env = {k: v for k, v in os.environ.items() if k != "PREFCLI_WORKSPACE"}
-    env.update(FAST="1", PREFCLI=prefcli, CORPUS=str(data["corpus"]), CHATS=str(data["chats"]), PAIRS=str(data["pairs"]))
+    env.update(FAST="1", PREFCLI=prefcli, CORPUS=str(data["corpus"]), CHATS=str(data["chats"]), PAIRS=str(data["pairs"]),
+               PROMPTS=str(data["prompts"]))  # a model of your own corpus is compared on your own prompts
     proc = subprocess.run(["bash", str(REPO / "examples/pipeline.sh"), "ws"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -276,7 +278,8 @@ def test_examples_script_and_pipeline_file_are_the_same_workflow(cli, tmp_path, 
 
     # The pipeline file with the same settings finds every stage the script ran up to date.
     sets = [a for s in FAST_SETS + [f"1.input={data['corpus']}", f"3.data={data['chats']}",
-                                    f"4.data={data['pairs']}", f"5.data={data['pairs']}"] for a in ("--set", s)]
+                                    f"4.data={data['pairs']}", f"5.data={data['pairs']}",
+                                    f"6.prompts={data['prompts']}"] for a in ("--set", s)]
     r = cli("-w", ws, "pipeline", "run", example, "--dry-run", "--json", *sets)
     assert r.code == 0, r.stderr
     assert [(s["action"], s["reason"]) for s in r.json()["stages"]] == [("skip", "up to date")] * 6

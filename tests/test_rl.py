@@ -67,7 +67,9 @@ def base_ws(tmp_path_factory):
         model = Transformer(make_config("tiny", tok.vocab_size, layers=1, dim=32, heads=2, context=64),
                             lm_head=kind == "causal_lm", score_head=kind == "reward")
         sync_token_ids(model, tok)
-        save_model_artifact(Workspace(ws), name, model, tok_path, kind=kind, stage="test", config={}, parents=[],
+        # Recorded as made from the demo data: the demo RL prompts are its default (data.demo.lineage).
+        save_model_artifact(Workspace(ws), name, model, tok_path, kind=kind, stage="test", config={},
+                            parents=[{"kind": "input", "name": "demo corpus (built-in, seed 0)"}],
                             metrics={}, overwrite=False, chat=kind == "causal_lm")
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:4])
                                         + json.dumps({"messages": [{"role": "user", "content": PROMPTS[4]}]}) + "\n")

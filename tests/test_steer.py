@@ -86,7 +86,9 @@ def base_ws(tmp_path_factory, one_thread):
     steered = random_model(tok, 3)
     for name, model, kind, extra in (("sft", sft, "causal_lm", None), ("rm", rm, "reward", None),
                                      ("steered", steered, "causal_lm", strong_steering(32).save)):
-        save_model_artifact(w, name, model, tok_path, kind=kind, stage="test", config={}, parents=[], metrics={},
+        # Recorded as made from the demo data: the demo eval prompts are its default (data.demo.lineage).
+        save_model_artifact(w, name, model, tok_path, kind=kind, stage="test", config={},
+                            parents=[{"kind": "input", "name": "demo corpus (built-in, seed 0)"}], metrics={},
                             overwrite=False, chat=kind == "causal_lm", extra_files=extra)
     rows = [{"prompt": q, "response": a, "attributes": {"helpful": 1.0, "short": 0.5}} for q, a in CHAT_LINES]
     rows += [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Go away. " + a}],

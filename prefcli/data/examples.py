@@ -24,6 +24,7 @@ def _check_messages(messages, where: str, field: str = "messages") -> list[dict]
         raise PrefcliError(f"{where}: '{field}' must be a non-empty list of messages", 'each message is {"role": ..., "content": ...}')
     out = []
     for i, m in enumerate(messages):
+        m = normalise_message(m, where, field, i)
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
             raise PrefcliError(
                 f"{where}: message {i} of '{field}' needs a role ({', '.join(ROLES)}) and a string content",
@@ -31,6 +32,44 @@ def _check_messages(messages, where: str, field: str = "messages") -> list[dict]
             )
         out.append({"role": m["role"], "content": m["content"]})
     return out
+
+
+# ShareGPT's speakers, and OpenAI-style roles, as chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+
+
+def normalise_message(m, where: str, field: str, i: int):
+    """A message as {"role", "content": str}: ShareGPT's {"from", "value"} and content given as
+    a list of parts ([{"type": "text", "text": ...}], joined) are rewritten; anything else is
+    returned as it is for the caller to check."""
+    if not isinstance(m, dict):
+        return m
+    if "role" not in m and "from" in m:
+        speaker = m["from"]
+        if speaker not in SHAREGPT_ROLES:
+            raise PrefcliError(f"{where}: message {i} of '{field}' is from '{speaker}'",
+                               f"ShareGPT speakers must be one of {', '.join(sorted(SHAREGPT_ROLES))}")
+        m = {"role": SHAREGPT_ROLES[speaker], "content": m.get("value")}
+    content = m.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise PrefcliError(f"{where}: message {i} of '{field}' has a '{kind}' content part",
+                                   'only text parts ({"type": "text", "text": ...}) can be trained on')
+        m = {**m, "content": "".join(texts)}
+    return m
+
+
+def _conversation_field(rec: dict) -> str | None:
+    """Where a row keeps its conversation: "messages", or ShareGPT's "conversations"."""
+    return next((k for k in ("messages", "conversations") if k in rec), None)
 
 
 def _as_messages(value, role: str, where: str, field: str) -> list[dict]:
@@ -42,12 +81,14 @@ def _as_messages(value, role: str, where: str, field: str) -> list[dict]:
 def chat_from_row(rec: dict) -> list[dict]:
     """A conversation from {"messages": [...]} or {"prompt", "completion"} (strings or message lists)."""
     where = rec.get("_source", "row")
-    if "messages" in rec:
-        messages = _check_messages(rec["messages"], where)
+    conv = _conversation_field(rec)
+    if conv:
+        messages = _check_messages(rec[conv], where, conv)
     elif "prompt" in rec and "completion" in rec:
         messages = _as_messages(rec["prompt"], "user", where, "prompt") + _as_messages(rec["completion"], "assistant", where, "completion")
     else:
-        raise PrefcliError(f"{where}: expected 'messages', or 'prompt' and 'completion'", "see the README for the data formats")
+        raise PrefcliError(f"{where}: expected 'messages' (or ShareGPT 'conversations'), or 'prompt' and 'completion'",
+                           "see the README for the data formats")
     if not any(m["role"] == "assistant" for m in messages):
         raise PrefcliError(f"{where}: the conversation has no assistant message", "add the reply the model should learn")
     return messages
@@ -98,8 +139,9 @@ def prompt_from_row(rec: dict) -> list[dict]:
     where = rec.get("_source", "row")
     if "prompt" in rec:
         msgs = _as_messages(rec["prompt"], "user", where, "prompt")
-    elif "messages" in rec:
-        msgs = _check_messages(rec["messages"], where)
+    elif _conversation_field(rec):
+        conv = _conversation_field(rec)
+        msgs = _check_messages(rec[conv], where, conv)
         if msgs[-1]["role"] == "assistant":  # a conversation with its reply: drop the reply
             msgs = msgs[:-1]
     else:

@@ -1,4 +1,5 @@
-"""Readers for user data: .txt, .jsonl, .json and .parquet; files, folders and globs.
+"""Readers for user data: .txt, .jsonl, .json, .parquet and .arrow; files, folders, globs and
+folders written by `datasets.save_to_disk`.
 
 Every record carries where it came from, so a bad row is reported by file and
 line. Text is streamed: memory stays bounded however large the input.
@@ -13,7 +14,7 @@ from typing import Iterator
 
 from prefcli.errors import PrefcliError
 
-SUPPORTED = (".txt", ".jsonl", ".json", ".parquet")
+SUPPORTED = (".txt", ".jsonl", ".json", ".parquet", ".arrow")
 
 
 def expand_inputs(specs: list[str | Path], option: str = "--input") -> list[Path]:
@@ -28,8 +29,12 @@ def expand_inputs(specs: list[str | Path], option: str = "--input") -> list[Path
             files += [m for m in matches if m.is_file()]
             continue
         path = Path(spec_s).expanduser()
+        if path.is_dir() and is_datasets_folder(path):
+            files.append(path)
+            continue
+        check_not_a_hub_name(spec_s, path, option)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED and p.name not in DATASETS_META)
             if not found:
                 raise PrefcliError(f"{option}: folder {path} has no {', '.join(SUPPORTED)} files", "pass files of a supported kind")
             files += found
@@ -38,7 +43,7 @@ def expand_inputs(specs: list[str | Path], option: str = "--input") -> list[Path
         else:
             raise PrefcliError(f"{option}: input file {path} not found", "check the path")
     for f in files:
-        if f.suffix not in SUPPORTED:
+        if f.suffix not in SUPPORTED and not f.is_dir():
             raise PrefcliError(f"{option}: {f} is not a supported file", f"use one of {', '.join(SUPPORTED)}")
     return files
 
@@ -63,6 +68,15 @@ def iter_records(path: Path) -> Iterator[tuple[int, dict]]:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 line = _utf8(raw, path, lineno)
+
+
+    """(line number, record) for each row of a .jsonl, .json (a list, or {"data": [...]}) or .parquet file,
+    an .arrow shard or a datasets folder."""
+    if path.is_dir() or path.suffix == ".arrow":
+        yield from iter_datasets_records(path)
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
@@ -169,3 +183,53 @@ def _utf8(raw: bytes, path: Path, lineno: int) -> str:
     except UnicodeDecodeError as e:
         raise PrefcliError(f"{path}:{lineno}:{e.start}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {e.start} of the line)",
                            "save the file as UTF-8") from None
+
+
+# ---------------------------------------------------------------- datasets folders and hub names
+DATASETS_META = ("dataset_info.json", "state.json", "dataset_dict.json")  # never data rows
+
+
+def is_datasets_folder(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` (state.json) or `DatasetDict.save_to_disk` (dataset_dict.json)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _datasets_module(path: Path):
+    try:
+        import datasets
+    except ImportError:
+        raise PrefcliError(f"{path}: reading a datasets folder or .arrow file needs the datasets package",
+                           "pip install 'prefcli[datasets]'")
+    return datasets
+
+
+def iter_datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(row number, record) of a `save_to_disk` folder (a DatasetDict: its train split) or an .arrow shard."""
+    datasets = _datasets_module(path)
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise PrefcliError(f"{path}: a DatasetDict with splits {', '.join(splits)} and no 'train'",
+                               f"pass the folder of one split, e.g. {path / (splits[0] if splits else 'SPLIT')}")
+        path = path / "train"
+    try:
+        ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_file(str(path))
+    except Exception as e:  # datasets raises many kinds: a short reason is what the user needs
+        raise PrefcliError(f"{path}: cannot be read as a datasets folder or .arrow file ({type(e).__name__}: {e})",
+                           "write it with Dataset.save_to_disk, or pass .jsonl/.parquet files")
+    for i, rec in enumerate(ds, 1):
+        yield i, rec
+
+
+def check_not_a_hub_name(spec: str, path: Path, option: str) -> None:
+    """A missing path shaped like `owner/name` is a Hugging Face Hub dataset: say how to download it."""
+    import re
+
+    if path.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec) or Path(spec).suffix in SUPPORTED:
+        return
+    raise PrefcliError(
+        f"{option}: {spec} is not a local file or folder; if it is a Hugging Face Hub dataset, download it first",
+        f"python -c \"import datasets; datasets.load_dataset('{spec}').save_to_disk('{spec.split('/')[-1]}')\" "
+        f"(or huggingface-cli download {spec} --repo-type dataset --local-dir {spec.split('/')[-1]}), "
+        f"then pass {option} {spec.split('/')[-1]}",
+    )

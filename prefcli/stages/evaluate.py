@@ -68,6 +68,9 @@ class CompareConfig:
     reference: str | None = option(None, "Model to compare against and take KL to.", default_text="sft if it exists")  # None: sft when it exists
     judge_model: list[str] = option(factory=list, default_text="none",  # NAME[=WEIGHT] reward models, summed
                                     help="Reward model that judges win rates and mean reward: NAME or NAME=WEIGHT; repeatable (weighted sum).")
+    judge_fn: list[str] = option(factory=list, default_text="none",  # MODULE:FUNCTION[=WEIGHT], as --reward-fn; summed
+                                 help="Your judge: MODULE:FUNCTION(prompts, replies) -> scores, optionally =WEIGHT; repeatable (summed). "
+                                      "Gives win rates and good-rates (score > 0).")
     prompts: list[str] = option(factory=list, default_text="the 300 held-out demo prompts",  # empty: the demo eval prompts
                                 help="Prompt rows (prompt or messages; .jsonl/.json/.parquet); repeatable.")
     gold: bool = option(False, "Judge --prompts with the demo's gold judge (on for the demo prompts).")
@@ -249,9 +252,11 @@ def run_compare(cfg: CompareConfig, ws: Workspace) -> dict:
     # (a str: one --judge-model from a command line that does not repeat the option yet)
     judge_specs = [cfg.judge_model] if isinstance(cfg.judge_model, str) else list(cfg.judge_model or [])
     judge = build_rewards(ws, judge_specs, (), device, model_option="--judge-model") if judge_specs else None
+    judge_fn = build_rewards(ws, (), cfg.judge_fn, device, fn_option="--judge-fn") if cfg.judge_fn else None
     if reference is not None:
         reference.model.eval()
     if sources.use_demo(cfg.prompts):
+        demo.require_prompts_unless_demo({name: lm.path for name, lm in models.items()})  # demo prompts: demo models only
         prompts, gold = None, True  # compare takes the demo eval prompts and the gold judge
         data_parents = [{"kind": "demo", "name": "eval_prompts"}]
     else:
@@ -261,13 +266,15 @@ def run_compare(cfg: CompareConfig, ws: Workspace) -> dict:
     res = compare(models, reference, prompts, reference_name=display_name(reference) if reference else "reference",
                   judge_model=judge, gold=gold, samples=cfg.samples, temperature=cfg.temperature, top_k=cfg.top_k,
                   top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
-                  kl=cfg.kl, limit=cfg.limit, offsets=offsets)
-    parents += ([reference.parent()] if reference is not None else []) + (judge.parents if judge else []) + data_parents
+                  kl=cfg.kl, limit=cfg.limit, offsets=offsets, judge_fn=judge_fn)
+    parents += ([reference.parent()] if reference is not None else []) + (judge.parents if judge else []) \
+        + (judge_fn.parents if judge_fn else []) + data_parents
     metrics = {}
     for m, st in res["models"].items():
         vs = st.get("vs_reference", {})
-        for key, value in (("win_rate", vs.get("win_rate_gold") or vs.get("win_rate_reward")),
-                           ("good_rate", st.get("gold", {}).get("good")), ("kl", vs.get("kl"))):
+        for key, value in (("win_rate", vs.get("win_rate_gold") or vs.get("win_rate_judge") or vs.get("win_rate_reward")),
+                           ("good_rate", st.get("gold", {}).get("good") or st.get("judge", {}).get("good")),
+                           ("kl", vs.get("kl"))):
             if value:
                 metrics[f"{m}/{key}"] = value.get("rate", value.get("mean"))
     result = {**res, "seconds": round(time.time() - t0, 2)}
@@ -352,6 +359,9 @@ def compare_table(doc: dict):
         t.add_row(label, *[get(st) for _, st in cols])
 
     vs = lambda st: st.get("vs_reference") or {}  # noqa: E731
+    if doc.get("judge_fn"):
+        row("judge good rate (score > 0)", lambda st: _rate(st["judge"]["good"]))
+        row("mean judge score", lambda st: _mean(st["judge"]["score"]))
     if doc["gold_judge"]:
         row("gold good rate", lambda st: _rate(st["gold"]["good"]))
         for a in demo.ATTRIBUTES:
@@ -361,6 +371,8 @@ def compare_table(doc: dict):
             row(f"win rate vs {doc['reference']} (gold)", lambda st: _rate(vs(st).get("win_rate_gold")))
             for a in demo.ATTRIBUTES:
                 row(f"  {a}", lambda st, a=a: _rate((vs(st).get("win_rate_gold_by_attribute") or {}).get(a)))
+        if doc.get("judge_fn"):
+            row(f"win rate vs {doc['reference']} (judge fn)", lambda st: _rate(vs(st).get("win_rate_judge")))
         if doc["judge_model"]:
             row(f"win rate vs {doc['reference']} (judge RM)", lambda st: _rate(vs(st).get("win_rate_reward")))
     if doc["judge_model"]:

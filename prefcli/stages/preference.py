@@ -25,17 +25,15 @@ from prefcli.artifacts import (AdapterOptions, TrainingOptions, load_model_artif
                                save_model_artifact, train_config)
 from prefcli.data import sources
 from prefcli.config import option
+from prefcli.data.demo.lineage import require_prompts_unless_demo
 from prefcli.data.examples import Encoded, Pair, encode_completion, pad_batch, pair_from_row, prompt_from_row
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.inference import in_length_groups, length_groups, sample_ids, sequence_logps
-from prefcli.model import Transformer
+from prefcli.model import Transformer, chunked_sequence_logprobs
 from prefcli.objectives.preference import METHODS, chosen_nll_loss, kto_loss, preference_loss
 from prefcli.rewards import build_rewards
 from prefcli.tokenizer import Tokenizer, same_tokenizer
-from prefcli.generate import generate
-from prefcli.model import Transformer, chunked_sequence_logprobs
-from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
 from prefcli.workspace import Workspace
 
@@ -62,7 +60,13 @@ class PreferenceConfig(TrainingOptions, AdapterOptions):
                                             default_text=_method_defaults("desirable_weight"))
     undesirable_weight: float | None = option(None, "kto: weight of undesirable replies.", gt=0,
                                               default_text=_method_defaults("undesirable_weight"))
-    rpo_alpha: float = option(0.0, "Add A x NLL of the chosen reply to the pair loss (RPO); keeps tiny models stable.", ge=0)
+    # NLL of the chosen reply added to the pair loss; None: 1 (0 for orpo, which has its own).
+    # Without it DPO at this lr collapses on custom pairs (chosen log-probs fall, replies degenerate);
+    # the demo's measured figures were all made with 1 (examples/custom_task/README.md).
+    rpo_alpha: float | None = option(None, "Add A x NLL of the chosen reply to the pair loss (RPO); keeps DPO from collapsing.",
+                                     ge=0, default_text="1 (orpo 0)")
+    guard: str = option("stop", "On a collapse (the chosen log-prob falling): stop (exit 1, nothing saved), warn, or off.",
+                        choices=("stop", "warn", "off"))
     # On-policy pairs: N samples per prompt, best vs worst by a judge; repeated for `rounds`.
     pairs_from_policy: int = option(0, "Build pairs from N policy samples per prompt: best vs worst by --judge-model / --reward-fn; 0: off.",
                                     ge=0)
@@ -85,13 +89,16 @@ class PreferenceConfig(TrainingOptions, AdapterOptions):
     eval_every: int = 0
 
     def resolved(self) -> "PreferenceConfig":
-        """A copy with the method's defaults filled in (beta); what the stage records and trains with."""
+        """A copy with the method's defaults filled in (beta, rpo_alpha); what the stage records and trains with."""
         spec = METHODS.get(self.method)
         beta = self.beta if self.beta is not None or spec is None else spec.defaults["beta"]
-        return dataclasses.replace(self, beta=beta)
+        rpo_alpha = self.rpo_alpha if self.rpo_alpha is not None else DEFAULT_RPO_ALPHA.get(self.method, 1.0)
+        return dataclasses.replace(self, beta=beta, rpo_alpha=rpo_alpha)
 
 
-DEFAULT_STEPS = 300  # ~5 passes over the 2,000 demo pairs at batch 32
+DEFAULT_RPO_ALPHA = {"orpo": 0.0}  # every other method: 1.0
+DEFAULT_STEPS = 300  # without data to count (not used when there is)
+DEFAULT_EPOCHS = 4.8  # 300 steps over the 2,000 demo pairs at batch 32
 _OPTION_NAMES = ("label_smoothing", "simpo_gamma", "desirable_weight", "undesirable_weight")
 
 
@@ -278,8 +285,9 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
     if cfg.method not in METHODS:
         raise PrefcliError(f"--method {cfg.method}: unknown preference method", f"choose one of {', '.join(METHODS)}")
     spec = METHODS[cfg.method]
+    cfg = cfg.resolved()
     opts = method_options(cfg)
-    beta = cfg.resolved().beta
+    beta = cfg.beta
     if cfg.rounds < 1 or cfg.pairs_from_policy < 0:
         raise PrefcliError("--rounds must be at least 1 and --pairs-from-policy at least 0")
     if cfg.rounds > 1 and not cfg.pairs_from_policy:
@@ -296,6 +304,8 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
     if cfg.pairs_from_policy:
         rewards = build_rewards(ws, cfg.judge_model, cfg.reward_fn, "cpu", model_option="--judge-model")
         parents += rewards.parents
+        if not cfg.prompts:  # the demo's RL prompts suit only models made from the demo data
+            require_prompts_unless_demo({cfg.policy: policy.path})
         prompts, _ = sources.prompts(cfg.prompts, "rl", cfg.num_prompts or None)
         inputs = [{"kind": "input", "name": "on-policy pairs"}]
     else:
@@ -333,7 +343,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
         on_demo = sources.use_demo(cfg.data) and not cfg.pairs_from_policy
         train, val = sources.split_val(items, 0.0 if on_demo else cfg.val_fraction, cfg.seed)
         ref_logps = None
-        tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
+        tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS)
         if spec.needs_reference:
             ref = (ref_model or model).to(device)
             used = used_items(len(train), tcfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.seed)
@@ -342,7 +352,8 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
                                             run_dir / "reference_logps.safetensors", used)
         if ref_model is not None:
             ref_model.cpu()  # off the device while the policy trains
-        trainer = Trainer(model, _loss_fn(cfg, spec, beta, opts, train, ref_logps, tok.pad_id, lambda: trainer.device),
+        guard = preference_guard(cfg)
+        trainer = Trainer(model, guard.watch(_loss_fn(cfg, spec, beta, opts, train, ref_logps, tok.pad_id, lambda: trainer.device)),
                           _batches(cfg, train), tcfg, run_dir, desc=f"{cfg.method} {out}" + (f" round {rnd}" if cfg.rounds > 1 else ""))
         resume_round = cfg.resume and bool(_checkpoints(run_dir))
         summary = trainer.train(resume=resume_round)
@@ -362,6 +373,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
         "truncated": truncated,
         "steps": summary.get("steps"),
         **{k: round(v, 4) for k, v in summary.items() if k.startswith(("rewards/", "logps/"))},
+        **guard.summary(),
     }
     config = to_dict(cfg) | {"beta": beta, **opts}
     save_model_artifact(ws, out, model.float().cpu(), policy.path, kind="causal_lm", stage=f"align {cfg.method}",
@@ -372,6 +384,13 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
     if round_stats:
         result["rounds"] = round_stats
     return result
+
+
+def preference_guard(cfg: PreferenceConfig):
+    from prefcli.guard import CollapseGuard
+
+    fix = "--rpo-alpha 1 or a lower --lr" if not cfg.rpo_alpha else f"a lower --lr (now {cfg.lr:g}) or a higher --rpo-alpha"
+    return CollapseGuard(cfg.guard, "preference", fix)
 
 
 def _device(cfg: PreferenceConfig):

@@ -25,7 +25,7 @@ from prefcli.model import Transformer, count_parameters, make_config
 from prefcli.artifacts import TrainingOptions, load_model_artifact, load_token_dataset, prepare_run, save_model_artifact, sync_token_ids, train_config
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
-from prefcli.workspace import Workspace, parent_ref, sha256_file
+from prefcli.workspace import Workspace, parent_ref
 
 VAL_WINDOWS = 64  # validation windows (fixed, non-overlapping): enough for a steady val loss
 
@@ -72,7 +72,7 @@ def run(cfg: PretrainConfig, ws: Workspace) -> dict:
     parents = [parent_ref("datasets", ds_path), parent_ref("tokenizers", tok_path)]
     if cfg.init:
         init = load_model_artifact(ws, cfg.init, "--init", kind="causal_lm")
-        if sha256_file(init.path / "tokenizer.json") != sha256_file(tok_path / "tokenizer.json"):
+        if init.tokenizer.identity != tok.identity:  # what it encodes, not the file's bytes
             raise PrefcliError(
                 f"--init: the tokenizer of {init.path} does not match the one dataset {ds_path.name} was encoded with",
                 "encode the data with that model's tokenizer: `prefcli tokenize --tokenizer PATH`",

@@ -50,7 +50,8 @@ class RewardConfig(TrainingOptions, AdapterOptions):
 # ~3.4 passes over the 24,000 demo reward pairs at batch 32: judging correctness (a sum, a fact,
 # a name against the prompt) takes that long; at 150 steps the model is at chance on it. More
 # pairs, not more passes, is what helped: 1,200 steps over 6,000 pairs were no better than 600.
-DEFAULT_STEPS = 2400
+DEFAULT_STEPS = 2400  # without data to count (not used when there is)
+DEFAULT_EPOCHS = 3.37  # 2,400 steps over the 22,800 demo pairs left after the validation split; 201 over 1,900
 
 
 def encode_pairs(tok: Tokenizer, pairs: list[Pair], max_len: int,
@@ -100,7 +101,7 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
     heldout = sources.heldout_pairs(cfg.data)  # on the demo: its held-out pairs, prompts never trained on
     if heldout is not None:
         heldout, _ = encode_pairs(tok, heldout, context)
-    tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
+    tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
     pad = tok.pad_id
 

@@ -33,7 +33,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -44,9 +44,9 @@ from prefcli.config import to_dict
 from prefcli.artifacts import AdapterOptions, load_model_artifact, note, prepare_for_training, prepare_run, save_model_artifact
 from prefcli.data import sources
 from prefcli.config import option
-from prefcli.data.examples import prompt_from_row
-from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
+from prefcli.data.demo.lineage import require_prompts_unless_demo
+from prefcli.guard import CollapseGuard
 from prefcli.objectives import rl
 from prefcli.objectives.lm import token_logprobs
 from prefcli.rewards import build_rewards
@@ -61,10 +61,11 @@ RL_METHODS = ("ppo", "grpo", "rloo")
 # 2.5-4 minutes, each method passing 0.75 gold win over sft. Shorter runs mostly learn politeness
 # and concision (30 steps of 64: ~0.63); correctness needs many prompts per step, and ppo a
 # strong KL penalty (0.05: KL 10, gold win 0.71; 0.2: KL 3.1-3.3, gold win 0.80-0.82).
+# Steps are passes over the prompts (`epochs`): on the 1,000 demo prompts, 300 steps each.
 METHOD_DEFAULTS = {
-    "ppo": dict(num_generations=1, batch_size=128, kl_coef=0.2, ppo_epochs=2, lr=2e-4, max_steps=300),
-    "grpo": dict(num_generations=8, batch_size=128, kl_coef=0.1, ppo_epochs=1, lr=2e-4, max_steps=300),
-    "rloo": dict(num_generations=8, batch_size=128, kl_coef=0.05, ppo_epochs=1, lr=2e-4, max_steps=300),
+    "ppo": dict(num_generations=1, batch_size=128, kl_coef=0.2, ppo_epochs=2, lr=2e-4, epochs=19.2),
+    "grpo": dict(num_generations=8, batch_size=128, kl_coef=0.1, ppo_epochs=1, lr=2e-4, epochs=4.8),
+    "rloo": dict(num_generations=8, batch_size=128, kl_coef=0.05, ppo_epochs=1, lr=2e-4, epochs=4.8),
 }
 PPO_ONLY = ("value_model", "vf_coef", "value_clip", "gamma", "lam", "whiten_rewards")
 
@@ -100,6 +101,8 @@ class RLConfig(AdapterOptions):
     num_generations: int | None = option(None, "Samples per prompt.", ge=1, default_text=_per_method("num_generations"))  # grpo/rloo groups
     temperature: float = option(1.0, "Sampling temperature for on-policy samples.", ge=0)
     max_tokens: int = option(64, "Longest sampled reply in tokens.", ge=1)
+    guard: str = option("stop", "On a collapse (replies shrinking or repeating): stop (exit 1, nothing saved), warn, or off.",
+                        choices=("stop", "warn", "off"))
     missing_eos_penalty: float = option(1.0, "Subtracted from the score of a reply cut at --max-tokens.", ge=0)
     kl_coef: float | None = option(None, "KL coefficient to the reference; 0 keeps no reference.", ge=0,
                                    default_text=_per_method("kl_coef"))  # 0: no reference model at all
@@ -120,8 +123,9 @@ class RLConfig(AdapterOptions):
     lam: float | None = option(None, ge=0, le=1)
     whiten_rewards: bool | None = option(None, _PPO + "scale per-token rewards by their std before GAE.", default_text="off")
     # Training
-    max_steps: int | None = option(None, "Optimizer steps to train.", ge=1, default_text=_per_method("max_steps"))
-    epochs: float | None = option(None, "Passes over the prompts (when --max-steps is not given).", gt=0, default_text="off")
+    max_steps: int | None = option(None, "Optimizer steps to train (instead of --epochs).", ge=1, default_text="from --epochs")
+    epochs: float | None = option(None, "Passes over the prompts (when --max-steps is not given).", gt=0,
+                                  default_text=_per_method("epochs") + " (300 steps on the 1,000 demo prompts)")
     batch_size: int | None = option(None, "Replies per micro-batch per process (num-generations per prompt).", ge=1,
                                     default_text=_per_method("batch_size"))
     grad_accum: int = option(1, "Micro-batches per optimizer step.", ge=1)
@@ -142,7 +146,7 @@ class RLConfig(AdapterOptions):
         if cfg.method not in RL_METHODS:
             raise PrefcliError(f"--method {cfg.method}: not an online RL method", f"choose one of {', '.join(RL_METHODS)}")
         for name, value in METHOD_DEFAULTS[cfg.method].items():
-            if getattr(cfg, name) is None and not (name == "max_steps" and cfg.epochs is not None):
+            if getattr(cfg, name) is None and not (name == "epochs" and cfg.max_steps is not None):
                 setattr(cfg, name, value)
         if cfg.method == "ppo":
             for name, value in PPO_DEFAULTS.items():
@@ -254,11 +258,11 @@ def load_value_model(ws: Workspace, cfg: RLConfig, policy_ref: str, tok: Tokeniz
 
     candidates = [(cfg.value_model, "--value-model")] if cfg.value_model else [
         (split_weight(spec, "--reward-model")[0], "--reward-model") for spec in cfg.reward_model[:1]]
-    for ref, option in candidates:
-        loaded = load_model_artifact(ws, ref, option, kind="reward")
+    for ref, flag in candidates:
+        loaded = load_model_artifact(ws, ref, flag, kind="reward")
         if same_tokenizer(loaded.tokenizer, tok):
             return loaded.model, loaded.parent(), f"reward model {ref}"
-        if option == "--value-model":
+        if flag == "--value-model":
             raise PrefcliError(f"--value-model: {loaded.path} uses a different tokenizer from the policy",
                                "a value model reads the policy's tokens: pick one made from the same base")
         note(f"note: reward model {ref} has another tokenizer; the value model starts from the policy instead")
@@ -287,6 +291,8 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
     model, tok = prepare_for_training(policy.model, cfg), policy.tokenizer
     if not tok.has_chat_template:
         raise PrefcliError(f"--policy: {policy.path} has no chat template", "align an SFT model first (prefcli align --method sft)")
+    if not cfg.prompts:  # the demo's RL prompts suit only models made from the demo data
+        require_prompts_unless_demo({cfg.policy: policy.path})
     context = model.config.max_position_embeddings
     if cfg.max_tokens >= context:
         raise PrefcliError(f"--max-tokens {cfg.max_tokens}: the policy's context is {context} tokens", "leave room for the prompt")
@@ -303,6 +309,8 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
         reward_models = ["rm"]
         cfg.reward_model = reward_models
     rewards = build_rewards(ws, reward_models, cfg.reward_fn, device)
+    if not cfg.prompts:  # the demo's RL prompts suit only models made from the demo data
+        require_prompts_unless_demo({cfg.policy: policy.path})
     prompts, inputs = read_prompts(cfg)
     prompts, prompt_ids = encode_prompts(tok, prompts, context, cfg.max_tokens)
     parents = [policy.parent(), *rewards.parents, *inputs]
@@ -345,7 +353,8 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
     run_dir = prepare_run(ws, out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
     trainer = None
     batches = Rollouts(cfg, tok, prompts, prompt_ids, rewards, reference, lambda: trainer)
-    trainer = Trainer(module, make_loss_fn(cfg), batches, tcfg, run_dir, desc=f"{cfg.method} {out}")
+    guard = CollapseGuard(cfg.guard, "rl", "a higher --kl-coef or a lower --lr")
+    trainer = Trainer(module, guard.watch(make_loss_fn(cfg)), batches, tcfg, run_dir, desc=f"{cfg.method} {out}")
     t_train = time.perf_counter()
     summary = trainer.train(resume=cfg.resume)
     train_wall = time.perf_counter() - t_train
@@ -357,13 +366,14 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
 
     lines = _read_metric_lines(run_dir)
     last = lines[-1] if lines else {}
-    keep = ("reward", "reward_std", "kl", "entropy", "clipfrac", "value_loss", "reply_len", "truncated", "kl_coef")
+    keep = ("reward", "reward_std", "kl", "entropy", "clipfrac", "value_loss", "reply_len", "distinct2", "truncated", "kl_coef")
     metrics = {
         "train_loss": round(summary.get("train_loss", float("nan")), 4),
         "steps": summary.get("steps"),  # also when --epochs set them
         "reward_first": round(lines[0]["reward"], 4) if lines and "reward" in lines[0] else None,
         **{k: round(last[k], 4) for k in keep if k in last},
         **{k: round(v, 4) for k, v in last.items() if k.startswith("reward/")},
+        **guard.summary(),
     }
     # This process's wall time split: sampling, the rest of the rollout (scores, reference
     # and value passes), and training (forward, backward, update, checkpoints).

@@ -48,7 +48,8 @@ class SteerConfig(TrainingOptions):
     val_fraction: float = option(0.05, "Share of the data held out for validation.", ge=0, lt=1)
 
 
-DEFAULT_STEPS = 300  # ~1.4 passes over the 7,000 labelled demo replies at batch 32
+DEFAULT_STEPS = 300  # without data to count (not used when there is)
+DEFAULT_EPOCHS = 1.44  # 300 steps over the 6,650 labelled demo replies left after the validation split, at batch 32
 
 
 # ----------------------------------------------------------------------------- labelled replies
@@ -173,7 +174,7 @@ def run(cfg: SteerConfig, ws: Workspace) -> dict:
     train, val = split_val(encoded, cfg.val_fraction, cfg.seed)
     label_mean = [sum(v[k] for _, v in train) / len(train) for k in range(len(attributes))]
     steering = Steering(attributes, model.config.hidden_size, sources=sources, label_mean=label_mean)
-    tcfg = train_config(cfg, len(train), DEFAULT_STEPS)
+    tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
     pad = tok.pad_id
 
