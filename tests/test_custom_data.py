@@ -250,7 +250,7 @@ def test_a_model_of_your_own_needs_prompts(cli, chat_ws, tmp_path):
 # ---------------------------------------------------------------- default steps are passes over the data
 def test_default_steps_scale_with_the_data():
     from prefcli.stages import preference, reward, sft
-    from prefcli.stages.common import train_config
+    from prefcli.artifacts import train_config
 
     rcfg = reward.RewardConfig()
     # 3.37 passes: 1,900 pairs at batch 32 -> ceil(3.37 * 1900 / 32) = 201 steps; the demo's 22,800 -> 2,402
@@ -278,19 +278,19 @@ def test_rl_default_steps_are_passes_over_the_prompts():
 
 
 def test_dpo_defaults_to_an_nll_term_except_orpo():
-    from prefcli.stages.preference import PreferenceConfig, resolve
+    from prefcli.stages.preference import PreferenceConfig
 
-    assert resolve(PreferenceConfig(method="dpo")).rpo_alpha == 1.0
-    assert resolve(PreferenceConfig(method="orpo")).rpo_alpha == 0.0
-    assert resolve(PreferenceConfig(method="dpo", rpo_alpha=0.0)).rpo_alpha == 0.0
+    assert PreferenceConfig(method="dpo").resolved().rpo_alpha == 1.0
+    assert PreferenceConfig(method="orpo").resolved().rpo_alpha == 0.0
+    assert PreferenceConfig(method="dpo", rpo_alpha=0.0).resolved().rpo_alpha == 0.0
 
 
 # ---------------------------------------------------------------- the collapse guard, end to end
 def test_a_collapsing_dpo_run_is_stopped_and_nothing_is_saved(cli, chat_ws):
     ws, files = chat_ws
     args = ["-w", ws, "align", "--method", "dpo", "--policy", "base", "--data", files["pairs"], "--rpo-alpha", "0",
-            "--lr", "0.05", "--max-steps", "60", "--val-fraction", "0", *FAST]
-    r = cli(*args)
+            "--lr", "0.05", "--max-steps", "60", "--val-fraction", "0", "--save-every", "5", *FAST]
+    r = cli(*args)  # checkpoints every 5 steps: the stopped run's folder stays, to read and resume
     assert r.code == 1, r.stderr
     line = r.stderr.strip().splitlines()[-1]  # after the progress lines: one error line
     assert line.startswith("error: collapse guard: chosen log-prob fell")
