@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--workspace", default="/tmp/lora-gpu")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
     args = ap.parse_args()
     import torch
 
@@ -59,18 +60,18 @@ def main() -> None:
                         parents=[], metrics={}, overwrite=True, chat=True)
     pairs = ws / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in list(demo.preference_pairs("train"))[:args.steps * args.batch_size]))
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "parameters": sum(p.numel() for p in model.parameters())}
+    report = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "parameters": sum(p.numel() for p in model.parameters())}
     for precision in ("bf16", "fp32"):
         out = f"dpo-{precision}"
         seconds = prefcli("-w", str(ws), "align", "--method", "dpo", "--policy", "smolshape", "--data", str(pairs),
                           "--lora-rank", "16", "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
-                          "--val-fraction", "0", "--max-length", "256", "--precision", precision, "--device", "cuda",
+                          "--val-fraction", "0", "--max-length", "256", "--precision", precision, "--device", args.device,
                           "--out", out, "--lr", "5e-5")
         lines = [json.loads(x) for x in (ws / "runs" / out / "metrics.jsonl").read_text().splitlines()]
         loop_s = max((x["elapsed"] for x in lines if "elapsed" in x), default=None)  # the trainer's own clock
-        adapter = load_model(ws / "models" / out, device="cuda")
+        adapter = load_model(ws / "models" / out, device=args.device)
         with torch.no_grad():
-            logits = adapter(torch.tensor([tok.chat_ids([{"role": "user", "content": "What is 2 plus 3?"}], True)], device="cuda"))
+            logits = adapter(torch.tensor([tok.chat_ids([{"role": "user", "content": "What is 2 plus 3?"}], True)], device=args.device))
         report[precision] = {"command_s": round(seconds, 1), "loop_s": loop_s,
                              "pairs_per_s": round(args.steps * args.batch_size / loop_s, 2) if loop_s else None,
                              "final_loss": lines[-1].get("loss"), "adapter_files": sorted(p.name for p in (ws / "models" / out).iterdir()),
