@@ -4,6 +4,8 @@ Each command in prefcli.stages.COMMANDS becomes a Typer command whose options ar
 config's fields (prefcli.config.option: help, flag, choices, range); --help shows every
 default and the choices of closed options. A few commands that are not stages (ls,
 eval plot, pipeline run) are written out by hand below.
+
+(Over 400 lines: the generator, the commands that are not stages and main()'s one-line errors.)
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ HF Llama, so a saved folder is a Hugging Face model folder and back:
     model.norm.weight
     lm_head.weight        next-token head (absent from files when tied to embed_tokens)
     score.weight          scalar head [1, hidden] of reward and value models
+
+(Over 400 lines on purpose: the model, its KV cache, LoRA hooks and the chunked head are one
+unit that reads top to bottom, as nanoGPT's model.py does.)
 """
 
 from __future__ import annotations

@@ -34,6 +34,9 @@ Files in run_dir:
                                  rng.safetensors, state.json
 Checkpoints are written to a hidden temp folder and renamed into place, so a
 checkpoint folder exists whole or not at all. Only safetensors and JSON: no pickle.
+
+(Over 400 lines on purpose: the loop, its safetensors checkpoints with checksums and exact resume
+are one mechanism.)
 """
 
 from __future__ import annotations

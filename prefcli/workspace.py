@@ -5,6 +5,9 @@ Every artifact folder holds a meta.json (kind, stage, config, parents, metrics,
 sha256 of each file). Artifacts are built in a temporary folder inside the
 workspace and renamed into place when complete, under a lock, so they exist
 whole or not at all.
+
+(Over 400 lines on purpose: naming, atomic writes, name claims, relative lineage and integrity
+checks all follow the same layout rules.)
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Recipe: read pairs (or build them from the policy's own samples, ranked by a jud
 compute the reference log-probs once (no gradients; kept with the run so a resume
 does not recompute them; the reference is then freed), train the policy on the
 method's loss with chosen and rejected in one forward pass, save models/<method>.
+
+(Over 400 lines: seven losses share the data, reference pass, on-policy pairs and rounds here.)
 """
 
 from __future__ import annotations
