@@ -68,7 +68,7 @@ def side_prefcli(args) -> dict:
 
     ws = Path(args.workspace)
     cfg = PreferenceConfig(method="dpo", data=[args.data], policy=args.model, out="lora-bench", max_steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr, beta=0.1, warmup=0, save_every=0, eval_every=0,
+                           batch_size=args.batch_size, lr=args.lr, beta=0.1, rpo_alpha=0.0, warmup=0,  # TRL's loss: plain DPO save_every=0, eval_every=0,
                            val_fraction=0.0, device="cpu", overwrite=True, lora_rank=args.rank, lora_alpha=2 * args.rank,
                            lora_targets=TARGETS, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                            precision=args.precision, grad_checkpoint=args.grad_checkpoint)
