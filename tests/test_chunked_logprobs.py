@@ -56,6 +56,25 @@ def test_chunk_size_does_not_change_the_result():
         torch.testing.assert_close(weight.grad, gw, atol=1e-5, rtol=1e-5)
 
 
+def test_small_heads_take_one_plain_pass_with_the_same_values_and_gradients():
+    from prefcli.objectives import lm
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(40, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (3, 5), generator=g)
+    assert targets.numel() * 40 <= lm.DIRECT_LOGITS  # this call takes the plain pass
+    plain = selective_logprobs(hidden, weight, targets)
+    plain.sum().backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    chunked = selective_logprobs(hidden, weight, targets, chunk_tokens=4)
+    chunked.sum().backward()
+    torch.testing.assert_close(plain, chunked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden.grad, gh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight.grad, gw, atol=1e-5, rtol=1e-5)
+
+
 def test_chunked_lm_loss_equals_lm_loss_with_packed_documents():
     model = tiny(True)
     ids = torch.randint(0, 301, (2, 16), generator=torch.Generator().manual_seed(2))

@@ -65,6 +65,10 @@ def lm_loss(
 # ----------------------------------------------------------------------------- chunked, from hidden states
 
 CHUNK_TOKENS = 1024  # positions per chunk: the float32 logits alive at once are [CHUNK_TOKENS, vocab]
+# Below this many logits (32 MB of float32) one plain pass is cheaper than chunking with a
+# recomputing backward: the demo's 2,048-token head on a DPO batch stays under it, a 49k
+# vocabulary on a few hundred positions does not.
+DIRECT_LOGITS = 1 << 23
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -120,8 +124,14 @@ def selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     hidden [..., H] (a model's final normed hidden states, `model(ids, return_hidden=True)`),
     targets [...] -> [...]. Equal to token_logprobs(hidden @ weight.T, targets), gradients
     included, in a fraction of the memory. Under autocast the matmuls run in its dtype.
+    Small heads (DIRECT_LOGITS) take one plain pass; chunk_tokens forces the chunked one.
     """
     shape = targets.shape
+    if chunk_tokens is None and targets.numel() * weight.shape[0] <= DIRECT_LOGITS:
+        dtype = _compute_dtype(hidden)
+        logits = (hidden.reshape(-1, hidden.shape[-1]).to(dtype) @ weight.to(dtype).T).float()
+        flat = targets.reshape(-1, 1)
+        return (logits.gather(1, flat).squeeze(1) - logits.logsumexp(-1)).view(shape)
     out = _SelectiveLogSoftmax.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                      chunk_tokens or CHUNK_TOKENS, _compute_dtype(hidden))
     return out.view(shape)
