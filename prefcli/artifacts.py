@@ -13,7 +13,7 @@ import torch
 
 from prefcli import distributed as dist
 from prefcli.config import option
-from prefcli import lora, report
+from prefcli import lora, tracking
 from prefcli.errors import PrefcliError
 from prefcli.model import Transformer, save_model
 from prefcli.model_files import load_model_folder
@@ -162,7 +162,7 @@ def train_config(cfg, num_examples: int | None = None, default_steps: int = 100,
         max_steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup=cfg.warmup,
         eval_every=cfg.eval_every, save_every=cfg.save_every, seed=cfg.seed, device=cfg.device,
         compile=cfg.compile, fsdp=getattr(cfg, "fsdp", False), precision=getattr(cfg, "precision", "auto"),
-        report_to=tuple(report.check(list(getattr(cfg, "report_to", ()) or ()))),
+        report_to=tuple(tracking.check(list(getattr(cfg, "report_to", ()) or ()))),
         weight_decay=getattr(cfg, "weight_decay", 0.1),
     )
 

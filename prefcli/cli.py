@@ -388,7 +388,6 @@ def main(argv: list[str] | None = None) -> None:
     are released, and a failed command's new run folder without a checkpoint is removed."""
     import os
 
-    from prefcli.errors import RuntimeFailure
     from prefcli.workspace import release_claims
 
     def fail(message: str, hint: str | None, code: int):

@@ -20,7 +20,7 @@ from prefcli import distributed as dist
 from prefcli.data.examples import Encoded, encode_completion
 from prefcli.generate import generate
 from prefcli.model import Transformer, chunked_reply_logprobs
-from prefcli.objectives.lm import selective_logprobs, token_logprobs
+from prefcli.objectives.lm import selective_logprobs
 from prefcli.progress import progress
 from prefcli.tokenizer import Tokenizer
 

@@ -99,7 +99,7 @@ class TrainConfig:
     compile: bool = False
     fsdp: bool = False
     precision: str = "auto"  # auto: bf16 autocast on CUDA only; bf16: on any device; fp32: never
-    report_to: tuple = ()  # trackers mirroring metrics.jsonl (prefcli.report): "tensorboard", "wandb"
+    report_to: tuple = ()  # trackers mirroring metrics.jsonl (prefcli.tracking): "tensorboard", "wandb"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -251,7 +251,7 @@ class Trainer:
         if cfg.precision not in ("auto", "fp32", "bf16"):
             raise PrefcliError(f"--precision {cfg.precision}: unknown", "choose auto, fp32 or bf16")
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.reporters = []  # opened when training starts (prefcli.report)
+        self.reporters = []  # opened when training starts (prefcli.tracking)
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
             if bf16
@@ -335,7 +335,7 @@ class Trainer:
         summary = state["summary"]
         clock = time.perf_counter() - seconds  # seconds since the run began, across resumes
         if cfg.report_to and dist.is_main():
-            from prefcli.report import open_reporters
+            from prefcli.tracking import open_reporters
 
             self.reporters = open_reporters(list(cfg.report_to), self.run_dir, asdict(cfg))
         with progress(cfg.max_steps, self.desc, unit="step", initial=start) as bar:

@@ -317,9 +317,9 @@ def run(cfg: ChatConfig, ws: Workspace, as_json: bool = False) -> dict:
     from prefcli.trainer import resolve_device
 
     sampling = Sampling()
-    for name, option in (("temperature", "--temperature"), ("top_p", "--top-p"), ("top_k", "--top-k"),
-                         ("max_tokens", "--max-tokens")):
-        setattr(sampling, name, check_setting(name, getattr(cfg, name), option))
+    for name, flag in (("temperature", "--temperature"), ("top_p", "--top-p"), ("top_k", "--top-k"),
+                       ("max_tokens", "--max-tokens")):
+        setattr(sampling, name, check_setting(name, getattr(cfg, name), flag))
     device = resolve_device(cfg.device)
     ref = cfg.model
     if ref is None:

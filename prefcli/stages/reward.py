@@ -25,7 +25,6 @@ from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
 from prefcli.inference import RewardScorer, SequenceScores, encoded_scores, last_token_scores, length_groups
 from prefcli.config import option
-from prefcli.model import Transformer
 from prefcli.objectives.reward import bradley_terry_loss
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer, unwrap
