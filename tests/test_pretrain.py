@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -81,3 +82,25 @@ def test_bad_inputs(cli, tokenized, tmp_path):
     r = cli("-w", tokenized, "pretrain", "--size", "huge")
     assert r.code == 2 and "huge" in r.stderr
     assert not (tokenized / "models").exists()
+
+
+def test_default_length_is_passes_over_the_corpus_capped_by_parameters():
+    from prefcli.stages.pretrain import default_steps
+
+    # 5.33 passes over 230,438 tokens at 16 x 128 tokens a step: the demo's 600 steps.
+    assert default_steps(230_438, 1_100_000, 16 * 128) == 600
+    # A tenth of the corpus gets a tenth of the steps (no 50 passes over a small file).
+    assert default_steps(23_044, 1_100_000, 16 * 128) == 60
+    # A big corpus stops at 20 tokens per parameter: 22M tokens / 2,048 a step.
+    assert default_steps(10**9, 1_100_000, 16 * 128) == 10_743
+
+
+def test_epochs_and_tokens_set_the_length(cli, tokenized):
+    ws = tokenized
+    train_tokens = json.loads((ws / "datasets/corpus/meta.json").read_text())["metrics"]["train_tokens"]
+    r = cli("-w", ws, "pretrain", *TINY, "--epochs", "0.5", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["steps"] == math.ceil(0.5 * train_tokens / (8 * 32))
+    assert r.json()["passes"] == pytest.approx(0.5, abs=8 * 32 / train_tokens + 0.01)
+    r = cli("-w", ws, "pretrain", *TINY, "--tokens", "1000", "--out", "b2", "--json")
+    assert r.code == 0 and r.json()["steps"] == 4  # ceil(1000 / 256)
