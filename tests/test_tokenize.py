@@ -258,3 +258,23 @@ def test_parquet_input(cli, tmp_path):
     r = cli("-w", tmp_path / "ws", "tokenize", "-i", f, "--vocab-size", "300", "--json")
     assert r.code == 0, r.stderr
     assert r.json()["documents"] == 30
+
+
+def test_bad_utf8_is_named_by_file_and_line_not_replaced(cli, tmp_path):
+    for name, good, bad, line in (("corpus.txt", b"a fine line\n\n", b"caf\xe9 latte\n", 7),
+                                  ("rows.jsonl", b'{"text": "fine"}\n', b'{"text": "caf\xe9"}\n', 4)):
+        path = tmp_path / name
+        path.write_bytes(good * 3 + bad)
+        ws = tmp_path / f"ws-{name}"
+        r = cli("-w", ws, "tokenize", "--input", path)
+        assert r.code == 2, r.stderr
+        assert f"{path}:{line}:" in r.stderr and "not valid UTF-8 (byte 0xe9" in r.stderr
+        assert not (ws / "datasets").exists()
+
+
+def test_windows_line_endings_read_as_plain_text(tmp_path):
+    from prefcli.data.readers import iter_txt_documents
+
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"one\r\ntwo\r\n\r\nthree\r\n")
+    assert list(iter_txt_documents(path)) == ["one\ntwo", "three"]

@@ -51,10 +51,11 @@ def expand_inputs(specs: list[str | Path], option: str = "--input") -> list[Path
 def iter_txt_documents(path: Path) -> Iterator[str]:
     """A .txt file is split into documents at blank lines (one or more empty lines)."""
     lines: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, path, lineno)
             if line.strip():
-                lines.append(line.rstrip("\n"))
+                lines.append(line.rstrip("\r\n"))
             elif lines:
                 yield "\n".join(lines)
                 lines = []
@@ -63,20 +64,14 @@ def iter_txt_documents(path: Path) -> Iterator[str]:
 
 
 def iter_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each row of a .jsonl, .json (a list, or {"data": [...]}) or .parquet file."""
-    if path.suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                line = _utf8(raw, path, lineno)
-
-
     """(line number, record) for each row of a .jsonl, .json (a list, or {"data": [...]}) or .parquet file,
     an .arrow shard or a datasets folder."""
     if path.is_dir() or path.suffix == ".arrow":
         yield from iter_datasets_records(path)
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _utf8(raw, path, lineno)  # a bad byte is named by line, not replaced
                 if not line.strip():
                     continue
                 try:
