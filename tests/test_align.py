@@ -44,6 +44,44 @@ def test_sft_truncation_is_counted_and_warned(cli, chat_ws, tmp_path):
     assert "1 of 2 conversations are longer than the context" in r.stderr
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_sft_counts_every_token_when_the_pad_id_is_a_real_token(cli, chat_ws, tmp_path, pack):
+    # SmolLM2 pads with <|im_end|>, which also ends every turn: those tokens count as trained on.
+    import shutil
+
+    ws, files = chat_ws
+    policy = tmp_path / "pads-with-end"
+    shutil.copytree(ws / "models/base", policy)
+    (policy / "meta.json").unlink()  # a plain HF folder, edited below
+    config = json.loads((policy / "tokenizer_config.json").read_text())
+    end = Tokenizer(policy).token_id("<|end|>")
+    (policy / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<|end|>"}))
+    tok = Tokenizer(policy)
+    assert tok.pad_id == end
+    r = cli("-w", ws, "align", "--method", "sft", "--policy", policy, "--data", files["chats"], "--max-steps", "1",
+            "--val-fraction", "0", "--pack" if pack else "--no-pack", *FAST, "--json")
+    assert r.code == 0, r.stderr
+    lines = [json.loads(x) for x in (ws / "runs/sft/metrics.jsonl").read_text().splitlines()]
+    chats = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in CHAT_LINES]
+    ids = [tok.chat_ids_with_mask(c["messages"])[0] for c in chats]
+    assert sum(i.count(end) for i in ids) > 0
+    assert lines[-1]["tokens"] == sum(len(i) for i in ids)  # one step over all four chats
+
+
+def test_dpo_without_heldout_pairs_loads_the_policy_once(cli, chat_ws, monkeypatch):
+    # The starting weights are reloaded only to score held-out pairs; a run without any skips it.
+    from prefcli.stages import preference
+
+    loads = []
+    real = preference.load_model_artifact
+    monkeypatch.setattr(preference, "load_model_artifact", lambda *a, **k: loads.append(a[1]) or real(*a, **k))
+    ws, files = chat_ws
+    r = cli("-w", ws, "align", "--method", "dpo", "--policy", "base", "--data", files["pairs"], "--max-steps", "1",
+            "--val-fraction", "0", *FAST, "--json")
+    assert r.code == 0, r.stderr
+    assert loads == ["base"] and r.json()["heldout_pairs"] == 0
+
+
 @pytest.mark.parametrize("method", ["dpo", "ipo", "hinge", "robust", "simpo", "orpo", "kto"])
 def test_every_preference_method_trains(cli, chat_ws, method):
     ws, files = chat_ws

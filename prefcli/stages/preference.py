@@ -363,7 +363,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
     device = trainer.device
     heldout = _heldout_items(cfg, tok, context, val)
     start = None
-    if spec.needs_reference and not lora.has_adapters(model):  # implicit rewards: log-ratios against the start
+    if heldout and spec.needs_reference and not lora.has_adapters(model):  # implicit rewards: log-ratios against the start
         start = (ref_model or load_model_artifact(ws, cfg.policy, "--policy", kind="causal_lm").model).to(device)
     acc = pair_accuracy(model, start, heldout, tok.pad_id, cfg.batch_size, device, spec.needs_reference)
     del start

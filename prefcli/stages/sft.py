@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from prefcli import distributed as dist
 from prefcli.config import to_dict
 from prefcli.data import sources
@@ -64,7 +66,10 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
     pad = tok.pad_id
 
     def collate(examples: list[Encoded]) -> dict:
-        return pack_rows(examples, context, pad) if cfg.pack else pad_batch(examples, pad)
+        batch = pack_rows(examples, context, pad) if cfg.pack else pad_batch(examples, pad)
+        # Counted here: the pad id can be a real token too (SmolLM2 pads with <|im_end|>).
+        batch["num_tokens"] = torch.tensor(sum(len(e.ids) for e in examples))
+        return batch
 
     def batches(step: int, micro: int) -> dict:
         from prefcli.distributed import batch_indices
@@ -79,7 +84,7 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
 
     def loss_fn(model, batch: dict):
         loss, n = forward(model, batch)
-        return loss, {"tokens": int((batch["input_ids"] != pad).sum()), "target_tokens": n}
+        return loss, {"tokens": int(batch["num_tokens"]), "target_tokens": n}
 
     def eval_fn(model) -> dict:
         if not val:
