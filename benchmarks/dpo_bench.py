@@ -19,6 +19,10 @@ the ratios.
 
     python3 benchmarks/dpo_bench.py                   # 20 steps of 16 pairs, 2 threads
     python3 benchmarks/dpo_bench.py --steps 40 --batch-size 32 --threads 1
+    python3 benchmarks/dpo_bench.py --data pairs.jsonl --steps 40 --batch-size 8 --repeats 1
+        # a user's pair file: both sides get the whole file and train steps x batch pairs of it
+
+Both sides train plain DPO (prefcli's default adds an NLL term, `--rpo-alpha 1`; 0 here, as TRL).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def run_prefcli(ws: Path, data: Path, args) -> dict:
     from prefcli.workspace import Workspace
 
     cfg = PreferenceConfig(method="dpo", data=[str(data)], policy="sft", max_steps=args.steps, batch_size=args.batch_size,
-                           lr=5e-4, beta=0.1, warmup=0, save_every=0, eval_every=0, val_fraction=0.0, device="cpu",
+                           lr=5e-4, beta=0.1, rpo_alpha=0.0, guard="warn", warmup=0, save_every=0, eval_every=0, val_fraction=0.0, device="cpu",
                            overwrite=True)
     t = time.perf_counter()
     result = run(cfg, Workspace(ws))
@@ -110,6 +114,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for both")
     ap.add_argument("--repeats", type=int, default=3, help="rounds (best time of each side is kept)")
     ap.add_argument("--order", choices=("prefcli-first", "trl-first"), default="prefcli-first")
+    ap.add_argument("--data", help="a prompt/chosen/rejected .jsonl given whole to both sides (default: the first "
+                                   "steps x batch demo pairs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -123,9 +129,13 @@ def main() -> None:
 
     from prefcli.data import demo
 
-    rows = list(demo.preference_pairs("train"))[: args.steps * args.batch_size]
-    if len(rows) < args.steps * args.batch_size:
-        sys.exit(f"only {len(rows)} demo pairs; lower --steps or --batch-size")
+    if args.data:
+        rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
+        rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    else:
+        rows = list(demo.preference_pairs("train"))[: args.steps * args.batch_size]
+        if len(rows) < args.steps * args.batch_size:
+            sys.exit(f"only {len(rows)} demo pairs; lower --steps or --batch-size")
     ws = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     model_dir = make_workspace(ws, args.size)
     data = ws / "pairs.jsonl"
@@ -155,7 +165,7 @@ def main() -> None:
     from prefcli.model import count_parameters, load_model
 
     print(f"model {args.size} ({count_parameters(load_model(model_dir)):,} params), {args.steps} steps x "
-          f"{args.batch_size} pairs, {args.threads} threads, best of {args.repeats}, "
+          f"{args.batch_size} pairs of a {len(rows):,}-pair file, {args.threads} threads, best of {args.repeats}, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"all training-loop times (s): prefcli {[round(r['loop_s'], 2) for r in res['prefcli']]}, "
           f"trl {[round(r['loop_s'], 2) for r in res['trl']]}")

@@ -819,7 +819,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     if found == "reward" and hf.get("num_labels", len(hf.get("id2label") or {0: 0})) != 1:
         raise PrefcliError(f"{cfg_path}: a reward model needs num_labels 1")
 
-    model = Transformer(config, lm_head=found == "causal_lm", score_head=score_head or found == "reward")
+    # Built on the meta device: no random init of weights the file replaces (on a 135M model that
+    # was seconds, and a second copy of the weights at the peak of memory).
+    with torch.device("meta"):
+        model = Transformer(config, lm_head=found == "causal_lm", score_head=score_head or found == "reward")
     tensors = {k: v for k, v in _read_weights(folder).items() if not k.endswith("rotary_emb.inv_freq")}
     expected = set(model.state_dict())
     optional = set()
@@ -843,8 +846,20 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
         want = shapes[name]
         if t.shape != want:
             raise PrefcliError(f"{folder}: {name} has shape {tuple(t.shape)}, config.json implies {tuple(want)}")
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if model.lm_head is not None and config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign replaced the shared parameter
+    _init_fresh(model)
     return model.to(device=device, dtype=dtype)
+
+
+def _init_fresh(model: Transformer) -> None:
+    """Give the parameters the file did not hold (a new score head) real, initialised storage."""
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own and all(p.is_meta for p in own):  # a whole new module (the file holds none of it)
+            module.to_empty(device="cpu", recurse=False)
+            Transformer._init_weights(module)
 
 
 def _load_adapter_model(folder: Path, device, dtype, kind: str | None, score_head: bool) -> Transformer:
