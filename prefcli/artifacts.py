@@ -23,7 +23,15 @@ from prefcli.workspace import Workspace, parent_ref, read_meta, sha256_file
 
 
 @dataclass
-class TrainingOptions:
+class DistributedOptions:
+    """How a training stage spreads over the processes of `torchrun` (every training stage has it)."""
+
+    fsdp: bool = option(False, "Under torchrun: shard the weights, gradients and optimizer state across processes "
+                               "(FSDP2) instead of a full copy each (DDP).")
+
+
+@dataclass
+class TrainingOptions(DistributedOptions):
     """The options every training stage shares (README: "Training options").
 
     A stage's config derives from this and redeclares a field to change its default.
@@ -131,6 +139,7 @@ def prepare_run(ws: Workspace, name: str, *, resume: bool, overwrite: bool, conf
     `config`); with --overwrite the new run is written beside the old one, which stays
     until the new model is saved (Workspace.begin_run).
     """
+    join_processes((config or {}).get("device", "auto"))
     ws.check_writable("models", name, overwrite or resume)
     run_dir = ws.begin_run(name, resume=resume, overwrite=overwrite, config=config) if dist.is_main() else None
     dist.barrier()
@@ -138,6 +147,15 @@ def prepare_run(ws: Workspace, name: str, *, resume: bool, overwrite: bool, conf
         temp = ws.folder("runs") / f".{name}.new"
         run_dir = temp if temp.is_dir() and not resume else ws.folder("runs") / name
     return run_dir
+
+
+def join_processes(device: str = "auto") -> None:
+    """Under torchrun, join the process group now (a no-op in one process, or once joined): the
+    barriers and collectives a stage makes before its Trainer exists (the run folder, reference
+    passes) need it."""
+    from prefcli.trainer import resolve_device
+
+    dist.init_distributed(resolve_device(device))
 
 
 def train_config(cfg, num_examples: int | None = None, default_steps: int = 100,

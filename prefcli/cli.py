@@ -62,7 +62,7 @@ _state: dict[str, Any] = {"workspace": None}
 WORKSPACE_HELP = "Workspace folder (default: $PREFCLI_WORKSPACE, else ./workspace)."
 # Options of every generated command that are not config fields (pipeline.py skips them too).
 EXTRAS = stages.CLI_EXTRAS
-TRAINING = {"max_steps", "epochs", "batch_size", "grad_accum", "lr", "warmup", "eval_every", "save_every", "resume", "compile"}
+TRAINING = {"max_steps", "epochs", "batch_size", "grad_accum", "lr", "warmup", "eval_every", "save_every", "resume", "compile", "fsdp"}
 FAMILY_NAMES = {stages.SFT: "sft", stages.PREFERENCE: "dpo family", stages.RL: "online RL", stages.STEER: "steer"}
 
 
