@@ -22,16 +22,14 @@ from prefcli.trainer import TrainConfig, steps_for_epochs
 from prefcli.workspace import Workspace, parent_ref, read_meta, sha256_file
 
 
-@dataclass
-class DistributedOptions:
-    """How a training stage spreads over the processes of `torchrun` (every training stage has it)."""
-
-    fsdp: bool = option(False, "Under torchrun: shard the weights, gradients and optimizer state across processes "
-                               "(FSDP2) instead of a full copy each (DDP).")
+def fsdp_option():
+    """--fsdp, the one declaration of every training stage's (TrainingOptions, and online RL's own list)."""
+    return option(False, "Under torchrun: shard the weights, gradients and optimizer state across processes (FSDP2) "
+                         "instead of a full copy on each (DDP).")
 
 
 @dataclass
-class TrainingOptions(DistributedOptions):
+class TrainingOptions:
     """The options every training stage shares (README: "Training options").
 
     A stage's config derives from this and redeclares a field to change its default.
@@ -48,6 +46,7 @@ class TrainingOptions(DistributedOptions):
     save_every: int = option(100, "Checkpoint every N steps (and at the end) into runs/<out>/checkpoints; 0: only at the end.", ge=0)
     resume: bool = option(False, "Continue the run runs/<out> from its last checkpoint.")
     compile: bool = option(False, "torch.compile the model.")
+    fsdp: bool = fsdp_option()
     seed: int = option(0, "Random seed.")
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
     overwrite: bool = option(False, "Replace an existing artifact of the same name.")

@@ -8,7 +8,8 @@ A stage hands the Trainer three things:
         step and over ranks); the key "tokens" is special: the number of tokens in
         the micro-batch, summed (not averaged) for throughput. `model` is the model
         as trained (DDP-wrapped and/or compiled), so call it, `model(...)`; reach for
-        attributes through `unwrap(model)`. Every rank must return the same keys.
+        attributes through `unwrap(model)`. A key missing from some micro-batches or ranks
+        is averaged over those that have it.
 
     batches(step, micro) -> batch
         The micro-batch `micro` (0 <= micro < grad_accum) of optimizer step `step`
@@ -312,12 +313,15 @@ class Trainer:
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         # One vector, one all-reduce, one device sync per step. (The norm is already global.)
         keys = sorted(sums)
-        zero = torch.zeros((), device=self.device)
+        if dist.world_size() > 1:  # the keys any rank logged: kto's micro-batches may lack a group and its keys
+            keys = sorted({k for b in dist.all_gather_bytes(json.dumps(keys).encode()) for k in json.loads(b)})
+        zero, one = torch.zeros((), device=self.device), torch.ones((), device=self.device)
         local = [torch.stack(losses).mean(), torch.stack(tokens).sum() if tokens else zero, norm.float()]
-        local += [torch.stack(sums[k]).mean() for k in keys]
+        for k in keys:  # (this rank's mean, 1), or (0, 0) when it has none: the mean over the ranks that have it
+            local += [torch.stack(sums[k]).mean(), one] if k in sums else [zero, zero]
         values = dist.all_reduce_mean(torch.stack(local)).tolist()
         out = {"loss": values[0], "tokens": values[1] * dist.world_size(), "lr": lr, "grad_norm": values[2]}
-        out.update(zip(keys, values[3:]))
+        out.update((k, values[3 + 2 * i] / values[4 + 2 * i]) for i, k in enumerate(keys))
         for name in ("loss", "grad_norm"):
             if not math.isfinite(out[name]):
                 kept = list_checkpoints(self.run_dir)

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from prefcli import distributed as dist
 from prefcli import lora
 from prefcli.config import to_dict
-from prefcli.artifacts import (AdapterOptions, TrainingOptions, join_processes, load_model_artifact, note, prepare_for_training, prepare_run,
-                               save_model_artifact, train_config)
+from prefcli.artifacts import (AdapterOptions, TrainingOptions, join_processes, load_model_artifact, note, prepare_for_training,
+                               prepare_run, save_model_artifact, train_config)
 from prefcli.data import sources
 from prefcli.config import option
 from prefcli.data.demo.lineage import require_prompts_unless_demo

@@ -41,7 +41,8 @@ import torch.nn as nn
 from prefcli import distributed as dist
 from prefcli import lora
 from prefcli.config import to_dict
-from prefcli.artifacts import AdapterOptions, DistributedOptions, load_model_artifact, note, prepare_for_training, prepare_run, save_model_artifact
+from prefcli.artifacts import (AdapterOptions, fsdp_option, load_model_artifact, note, prepare_for_training, prepare_run,
+                               save_model_artifact)
 from prefcli.data import sources
 from prefcli.config import option
 from prefcli.errors import PrefcliError
@@ -85,7 +86,7 @@ _PPO = "ppo: "
 
 
 @dataclass
-class RLConfig(AdapterOptions, DistributedOptions):
+class RLConfig(AdapterOptions):
     method: str = "grpo"
     policy: str = option("sft", "Model to start from.")
     reference: str | None = option(None, "Reference model.", default_text="the policy's starting weights")
@@ -135,6 +136,7 @@ class RLConfig(AdapterOptions, DistributedOptions):
     save_every: int = option(20, "Checkpoint every N steps (and at the end); 0: only at the end.", ge=0)
     resume: bool = option(False, "Continue the run runs/<out> from its last checkpoint.")
     compile: bool = option(False, "torch.compile the model.")
+    fsdp: bool = fsdp_option()
     seed: int = option(0, "Random seed.")
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
     overwrite: bool = option(False, "Replace an existing artifact of the same name.")
