@@ -29,6 +29,9 @@ A stage hands the Trainer three things:
 
 Global batch = batch_size * grad_accum * world_size examples per optimizer step.
 
+After train(), `full_model()` is the trained module whole on every rank (under FSDP gathered
+from the shards into a plain copy): what a stage saves, evaluates and samples from.
+
 Files in run_dir:
     metrics.jsonl                one JSON line per logged step
     checkpoints/step-NNNNNN/     model.safetensors, optimizer.safetensors,
