@@ -22,6 +22,12 @@ from prefcli.trainer import TrainConfig, steps_for_epochs
 from prefcli.workspace import Workspace, parent_ref, read_meta, sha256_file
 
 
+def fsdp_option():
+    """--fsdp, the one declaration of every training stage's (TrainingOptions, and online RL's own list)."""
+    return option(False, "Under torchrun: shard the weights, gradients and optimizer state across processes (FSDP2) "
+                         "instead of a full copy on each (DDP).")
+
+
 @dataclass
 class TrainingOptions:
     """The options every training stage shares (README: "Training options").
@@ -40,6 +46,7 @@ class TrainingOptions:
     save_every: int = option(100, "Checkpoint every N steps (and at the end) into runs/<out>/checkpoints; 0: only at the end.", ge=0)
     resume: bool = option(False, "Continue the run runs/<out> from its last checkpoint.")
     compile: bool = option(False, "torch.compile the model.")
+    fsdp: bool = fsdp_option()
     seed: int = option(0, "Random seed.")
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
     overwrite: bool = option(False, "Replace an existing artifact of the same name.")
@@ -131,6 +138,7 @@ def prepare_run(ws: Workspace, name: str, *, resume: bool, overwrite: bool, conf
     `config`); with --overwrite the new run is written beside the old one, which stays
     until the new model is saved (Workspace.begin_run).
     """
+    join_processes((config or {}).get("device", "auto"))
     ws.check_writable("models", name, overwrite or resume)
     run_dir = ws.begin_run(name, resume=resume, overwrite=overwrite, config=config) if dist.is_main() else None
     dist.barrier()
@@ -138,6 +146,15 @@ def prepare_run(ws: Workspace, name: str, *, resume: bool, overwrite: bool, conf
         temp = ws.folder("runs") / f".{name}.new"
         run_dir = temp if temp.is_dir() and not resume else ws.folder("runs") / name
     return run_dir
+
+
+def join_processes(device: str = "auto") -> None:
+    """Under torchrun, join the process group now (a no-op in one process, or once joined): the
+    barriers and collectives a stage makes before its Trainer exists (the run folder, reference
+    passes) need it."""
+    from prefcli.trainer import resolve_device
+
+    dist.init_distributed(resolve_device(device))
 
 
 def train_config(cfg, num_examples: int | None = None, default_steps: int = 100,

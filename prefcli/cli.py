@@ -62,7 +62,8 @@ _state: dict[str, Any] = {"workspace": None}
 WORKSPACE_HELP = "Workspace folder (default: $PREFCLI_WORKSPACE, else ./workspace)."
 # Options of every generated command that are not config fields (pipeline.py skips them too).
 EXTRAS = stages.CLI_EXTRAS
-TRAINING = {"max_steps", "epochs", "batch_size", "grad_accum", "lr", "warmup", "eval_every", "save_every", "resume", "compile"}
+TRAINING = {"max_steps", "epochs", "batch_size", "grad_accum", "lr", "warmup", "eval_every", "save_every", "resume", "compile",
+            "fsdp"}
 FAMILY_NAMES = {stages.SFT: "sft", stages.PREFERENCE: "dpo family", stages.RL: "online RL", stages.STEER: "steer"}
 
 
@@ -429,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
         release_claims(ok)
         if "prefcli.trainer" in sys.modules:
             sys.modules["prefcli.trainer"].position.clear()
+        if ok and "prefcli.distributed" in sys.modules:  # under torchrun: leave the process group
+            sys.modules["prefcli.distributed"].destroy_distributed()
 
 
 def _interrupted_line(kept: list) -> Text:

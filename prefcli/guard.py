@@ -48,6 +48,9 @@ class Thresholds:
     window: int = 10
 
 
+WATCHED = {"preference": ("logps/chosen",), "rl": ("reply_len", "distinct2")}  # the metrics each kind reads
+
+
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise PrefcliError(f"--guard {mode}: unknown mode", f"choose one of {', '.join(MODES)}")
@@ -116,9 +119,7 @@ class CollapseGuard:
         """Check one micro-batch's metrics; stop or warn per the mode."""
         if self.mode == "off" or self.warning is not None:
             return
-        problem = self.check(metrics)
-        if _any_rank(problem is not None) and problem is None:
-            problem = "another process saw the policy collapse"
+        problem = self.check(_mean_over_ranks(metrics, WATCHED[self.kind]))
         if problem is None:
             return
         message = f"{problem}: rerun with {self.fix}" if self.fix else problem
@@ -155,10 +156,18 @@ def _note(message: str) -> None:
         Console(stderr=True).print(Text(message, style="yellow"), soft_wrap=True)
 
 
-def _any_rank(flag: bool) -> bool:
-    """Whether any process's guard fired (every rank stops together under torchrun)."""
+def _mean_over_ranks(metrics: dict, keys: tuple[str, ...]) -> dict:
+    """The watched metrics averaged over the processes of a torchrun (over those that have each):
+    every rank's guard then sees the same numbers and stops, or warns, at the same step."""
     from prefcli import distributed as dist
 
     if dist.world_size() == 1:
-        return flag
-    return dist.all_reduce_mean(float(flag)) > 0
+        return metrics
+    import torch
+
+    local = []
+    for key in keys:  # a fixed layout: ranks may differ in which keys they have (kto)
+        value = metrics.get(key)
+        local += [0.0, 0.0] if value is None else [float(value), 1.0]
+    total = dist.all_reduce_mean(torch.tensor(local, dtype=torch.float64)).tolist()
+    return {key: total[2 * i] / total[2 * i + 1] for i, key in enumerate(keys) if total[2 * i + 1] > 0}

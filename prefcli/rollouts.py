@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from prefcli import distributed as dist
+from prefcli import lora
 from prefcli.generate import Completion
 from prefcli.guard import distinct_2
 from prefcli.inference import reply_logits, reply_token_logps, sample_ids
@@ -140,7 +141,11 @@ class Rollouts:
     def sample(self, batch: int, micro: int) -> tuple[Rollout, float]:
         cfg, tok = self.cfg, self.tok
         trainer = self.trainer_of()
-        module: RLModel = unwrap(trainer.model)
+        trained: RLModel = unwrap(trainer.model)  # holds the kl_coef buffer the checkpoint keeps
+        module: RLModel = trainer.full_model()  # whole weights to sample and score with (FSDP: gathered)
+        reference = self.reference
+        if isinstance(reference, lora.AdaptersOff) and module is not trained:
+            reference = lora.AdaptersOff(module.policy)
         device = trainer.device
         n = cfg.num_generations
         idx = dist.batch_indices(batch, micro, cfg.batch_size // n, cfg.grad_accum, len(self.prompt_ids), seed=cfg.seed)
@@ -158,10 +163,10 @@ class Rollouts:
         scores = torch.tensor(scores, dtype=torch.float32, device=device)
         penalised = rl.truncation_penalty(scores, r.finished, cfg.missing_eos_penalty)
 
-        kl_coef = float(module.kl_coef)
+        kl_coef = float(trained.kl_coef)
         seq_kl = None
-        if self.reference is not None:
-            r.ref_logprobs = reply_token_logps(self.reference, r.input_ids, r.attention_mask, r.start, r.mask)
+        if reference is not None:
+            r.ref_logprobs = reply_token_logps(reference, r.input_ids, r.attention_mask, r.start, r.mask)
             seq_kl = (rl.kl_penalty(r.logprobs, r.ref_logprobs, "k1") * r.mask).sum(1)
 
         if cfg.method == "ppo":
@@ -185,7 +190,7 @@ class Rollouts:
             if self.controller is not None:  # steer the coefficient for the next batch
                 self.controller.value = kl_coef
                 mean_kl = dist.all_reduce_mean(float(seq_kl.mean()))
-                module.kl_coef.fill_(self.controller.update(mean_kl, len(scores) * dist.world_size()))
+                trained.kl_coef.fill_(self.controller.update(mean_kl, len(scores) * dist.world_size()))
         return r, gen_s
 
     @torch.no_grad()

@@ -8,7 +8,8 @@ A stage hands the Trainer three things:
         step and over ranks); the key "tokens" is special: the number of tokens in
         the micro-batch, summed (not averaged) for throughput. `model` is the model
         as trained (DDP-wrapped and/or compiled), so call it, `model(...)`; reach for
-        attributes through `unwrap(model)`. Every rank must return the same keys.
+        attributes through `unwrap(model)`. A key missing from some micro-batches or ranks
+        is averaged over those that have it.
 
     batches(step, micro) -> batch
         The micro-batch `micro` (0 <= micro < grad_accum) of optimizer step `step`
@@ -28,6 +29,9 @@ A stage hands the Trainer three things:
 
 Global batch = batch_size * grad_accum * world_size examples per optimizer step.
 
+After train(), `full_model()` is the trained module whole on every rank (under FSDP gathered
+from the shards into a plain copy): what a stage saves, evaluates and samples from.
+
 Files in run_dir:
     metrics.jsonl                one JSON line per logged step
     checkpoints/step-NNNNNN/     model.safetensors, optimizer.safetensors,
@@ -42,6 +46,7 @@ are one mechanism.)
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -241,7 +246,9 @@ class Trainer:
         self.ddp = None
         self.fsdp = cfg.fsdp and dist.world_size() > 1
         trained: nn.Module = self.model
+        self._whole: nn.Module | None = None  # under FSDP: a plain copy that full_model() fills
         if self.fsdp:
+            self._whole = _weightless_copy(self.model)
             _fully_shard(self.model, self.device)
         elif dist.world_size() > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -257,6 +264,28 @@ class Trainer:
             if bf16
             else contextlib.nullcontext
         )
+
+    def full_model(self) -> nn.Module:
+        """The trained module whole, as a plain module on every rank: the bare model, or under
+        FSDP a copy filled with the full weights gathered from every rank's shard (the same
+        copy each call, refreshed). Under FSDP it is a collective: every rank must call it.
+
+        Use it for anything that is not the training forward pass: sampling (online RL's
+        rollouts), evaluation after training, saving. Calling the sharded module's parts
+        directly (generate, a head) would meet sharded weights, and a forward pass that not
+        every rank makes would wait forever for the others.
+        """
+        if self._whole is None:
+            return self.model
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        whole = self._whole
+        _materialize(whole, self.device)
+        missing, unexpected = whole.load_state_dict(full, strict=False)
+        tied = {n for n, _ in whole.named_parameters(remove_duplicate=False)} - {n for n, _ in whole.named_parameters()}
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"full_model: state dict mismatch (missing {missing}, unexpected {unexpected})")
+        whole.train(self.model.training)
+        return whole
 
     # -- one optimizer step ---------------------------------------------------------------
 
@@ -287,12 +316,15 @@ class Trainer:
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         # One vector, one all-reduce, one device sync per step. (The norm is already global.)
         keys = sorted(sums)
-        zero = torch.zeros((), device=self.device)
+        if dist.world_size() > 1:  # the keys any rank logged: kto's micro-batches may lack a group and its keys
+            keys = sorted({k for b in dist.all_gather_bytes(json.dumps(keys).encode()) for k in json.loads(b)})
+        zero, one = torch.zeros((), device=self.device), torch.ones((), device=self.device)
         local = [torch.stack(losses).mean(), torch.stack(tokens).sum() if tokens else zero, norm.float()]
-        local += [torch.stack(sums[k]).mean() for k in keys]
+        for k in keys:  # (this rank's mean, 1), or (0, 0) when it has none: the mean over the ranks that have it
+            local += [torch.stack(sums[k]).mean(), one] if k in sums else [zero, zero]
         values = dist.all_reduce_mean(torch.stack(local)).tolist()
         out = {"loss": values[0], "tokens": values[1] * dist.world_size(), "lr": lr, "grad_norm": values[2]}
-        out.update(zip(keys, values[3:]))
+        out.update((k, values[3 + 2 * i] / values[4 + 2 * i]) for i, k in enumerate(keys))
         for name in ("loss", "grad_norm"):
             if not math.isfinite(out[name]):
                 kept = list_checkpoints(self.run_dir)
@@ -531,6 +563,26 @@ def _check_resume_config(started: dict, now: dict, folder: Path) -> None:
             "resume with the options it was started with; only --max-steps, --epochs, --save-every, --eval-every, "
             "--device, --compile may change (or start again with --overwrite)",
         )
+
+
+def _weightless_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose parameters are on the meta device (no memory; ties kept);
+    buffers and every other attribute are copied as they are."""
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Give the meta parameters of `model` real (uninitialised) storage on `device`, ties kept."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                module._parameters[name] = made[id(p)]
 
 
 def _fully_shard(model: nn.Module, device: torch.device) -> None:

@@ -579,7 +579,7 @@ RUN_RECORD = "run.json"  # in a run folder: its id, start time and the options i
 # Options that may differ on --resume: they change how long the run goes, how often it
 # writes, or where it runs, but not what any step computes.
 RESUME_MAY_CHANGE = ("max_steps", "epochs", "tokens", "eval_every", "save_every", "device", "compile", "threads",
-                     "resume", "overwrite", "sample_tokens", "log_every", "keep_checkpoints", "json")
+                     "resume", "overwrite", "sample_tokens", "log_every", "keep_checkpoints", "json", "fsdp")
 
 
 @dataclass

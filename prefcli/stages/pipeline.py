@@ -39,7 +39,7 @@ from prefcli.workspace import KINDS, Workspace, check_name, damaged_files, defau
 
 # Commands whose outputs can be tracked (the rest always run); their configs come from the stage registry.
 TRACKED = ("tokenize", "pretrain", "align", "reward train", "eval perplexity", "eval reward", "eval compare")
-IGNORED = {"overwrite", "resume"}  # how a stage was run, not what it made
+IGNORED = {"overwrite", "resume", "fsdp"}  # how a stage was run, not what it made
 STAGE_KEYS = {"command", "options", "args"}
 
 

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from prefcli import distributed as dist
 from prefcli import lora
 from prefcli.config import to_dict
-from prefcli.artifacts import (AdapterOptions, TrainingOptions, load_model_artifact, note, prepare_for_training, prepare_run,
-                               save_model_artifact, train_config)
+from prefcli.artifacts import (AdapterOptions, TrainingOptions, join_processes, load_model_artifact, note, prepare_for_training,
+                               prepare_run, save_model_artifact, train_config)
 from prefcli.data import sources
 from prefcli.config import option
 from prefcli.data.demo.lineage import require_prompts_unless_demo
@@ -36,7 +36,7 @@ from prefcli.model import Transformer, chunked_sequence_logprobs
 from prefcli.objectives.preference import METHODS, chosen_nll_loss, kto_loss, preference_loss
 from prefcli.rewards import build_rewards
 from prefcli.tokenizer import Tokenizer, same_tokenizer
-from prefcli.trainer import Trainer, unwrap
+from prefcli.trainer import Trainer
 from prefcli.workspace import Workspace
 
 
@@ -359,7 +359,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
                           _batches(cfg, train), tcfg, run_dir, desc=f"{cfg.method} {out}" + (f" round {rnd}" if cfg.rounds > 1 else ""))
         resume_round = cfg.resume and bool(_checkpoints(run_dir))
         summary = trainer.train(resume=resume_round)
-        model = unwrap(trainer.model)
+        model = trainer.full_model()  # a plain module (under FSDP gathered from the shards) for what follows
     device = trainer.device
     heldout = _heldout_items(cfg, tok, context, val)
     start = None
@@ -410,6 +410,7 @@ def _checkpoints(run_dir: Path) -> list:
 def _prepare_rounds(ws: Workspace, out: str, cfg: PreferenceConfig) -> Path:
     run_dir = ws.folder("runs") / out
     if cfg.resume:
+        join_processes(cfg.device)
         if not run_dir.exists():
             raise PrefcliError(f"--resume: {run_dir} has no checkpoint to resume from", "run without --resume to start a new run")
         return run_dir

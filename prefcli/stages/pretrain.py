@@ -24,7 +24,7 @@ from prefcli.generate import generate
 from prefcli.model import Transformer, count_parameters, make_config
 from prefcli.artifacts import TrainingOptions, load_model_artifact, load_token_dataset, prepare_run, save_model_artifact, sync_token_ids, train_config
 from prefcli.tokenizer import Tokenizer
-from prefcli.trainer import Trainer, unwrap
+from prefcli.trainer import Trainer
 from prefcli.workspace import Workspace, parent_ref
 
 VAL_WINDOWS = 64  # validation windows (fixed, non-overlapping): enough for a steady val loss
@@ -50,7 +50,6 @@ class PretrainConfig(TrainingOptions):
     weight_decay: float = 0.1
     eval_every: int = 100
     save_every: int = 200
-    fsdp: bool = option(False, "Shard the model across processes (torchrun) with FSDP.")
     out: str = option("base", "Name of the model to write.")
     sample_tokens: int = option(48, ge=0)
 
@@ -147,7 +146,7 @@ def run(cfg: PretrainConfig, ws: Workspace) -> dict:
     trainer = Trainer(model, loss_fn, batches, tcfg, run_dir, eval_fn=eval_fn, desc=f"pretrain {cfg.out}")
     device = trainer.device
     summary = trainer.train(resume=cfg.resume)
-    bare = unwrap(trainer.model)
+    bare = trainer.full_model()  # every rank: under FSDP, gathered from the shards
 
     sample = ""
     if cfg.sample_tokens > 0 and dist.is_main():

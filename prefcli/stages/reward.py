@@ -27,7 +27,7 @@ from prefcli.inference import RewardScorer, SequenceScores, encoded_scores, last
 from prefcli.config import option
 from prefcli.objectives.reward import bradley_terry_loss
 from prefcli.tokenizer import Tokenizer
-from prefcli.trainer import Trainer, unwrap
+from prefcli.trainer import Trainer
 from prefcli.workspace import Workspace, check_output_file
 
 
@@ -87,6 +87,7 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
     t0 = time.time()
     pairs, inputs = sources.pairs(cfg.data, "reward")
     base_ref = cfg.base or ("sft" if ws.exists("models", "sft") else "base")
+    torch.manual_seed(cfg.seed)  # a fresh score head: the same on every run and every rank
     base = load_model_artifact(ws, base_ref, "--base", score_head=True)
     model, tok = base.model, base.tokenizer
     if model.lm_head is not None:
@@ -128,7 +129,7 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
     trainer = Trainer(SequenceScores(model), loss_fn, batches, tcfg, run_dir, eval_fn=eval_fn, desc=f"reward {cfg.out}")
     device = trainer.device
     summary = trainer.train(resume=cfg.resume)
-    bare = unwrap(trainer.model).model
+    bare = trainer.full_model().model  # every rank: under FSDP, gathered from the shards
     bare.eval()
     metrics = {
         "train_loss": round(summary.get("train_loss", float("nan")), 4),

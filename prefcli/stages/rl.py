@@ -41,7 +41,8 @@ import torch.nn as nn
 from prefcli import distributed as dist
 from prefcli import lora
 from prefcli.config import to_dict
-from prefcli.artifacts import AdapterOptions, load_model_artifact, note, prepare_for_training, prepare_run, save_model_artifact
+from prefcli.artifacts import (AdapterOptions, fsdp_option, load_model_artifact, note, prepare_for_training, prepare_run,
+                               save_model_artifact)
 from prefcli.data import sources
 from prefcli.config import option
 from prefcli.errors import PrefcliError
@@ -135,6 +136,7 @@ class RLConfig(AdapterOptions):
     save_every: int = option(20, "Checkpoint every N steps (and at the end); 0: only at the end.", ge=0)
     resume: bool = option(False, "Continue the run runs/<out> from its last checkpoint.")
     compile: bool = option(False, "torch.compile the model.")
+    fsdp: bool = fsdp_option()
     seed: int = option(0, "Random seed.")
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
     overwrite: bool = option(False, "Replace an existing artifact of the same name.")
@@ -266,6 +268,7 @@ def load_value_model(ws: Workspace, cfg: RLConfig, policy_ref: str, tok: Tokeniz
             raise PrefcliError(f"--value-model: {loaded.path} uses a different tokenizer from the policy",
                                "a value model reads the policy's tokens: pick one made from the same base")
         note(f"note: reward model {ref} has another tokenizer; the value model starts from the policy instead")
+    torch.manual_seed(cfg.seed)  # the fresh score head: the same on every run and every rank
     loaded = load_model_artifact(ws, policy_ref, "--policy", kind="causal_lm", score_head=True)
     value = loaded.model
     value.lm_head = None
@@ -348,7 +351,7 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
              f"--max-steps {steps}, --save-every {save_every}")
     tcfg = TrainConfig(max_steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
                        warmup=cfg.warmup, weight_decay=cfg.weight_decay, save_every=save_every, seed=cfg.seed,
-                       device=cfg.device, compile=cfg.compile)
+                       device=cfg.device, compile=cfg.compile, fsdp=cfg.fsdp)
 
     run_dir = prepare_run(ws, out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
     trainer = None
@@ -358,7 +361,7 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
     t_train = time.perf_counter()
     summary = trainer.train(resume=cfg.resume)
     train_wall = time.perf_counter() - t_train
-    trained: RLModel = unwrap(trainer.model)
+    trained: RLModel = trainer.full_model()
     params = {"policy": count(trained.policy), "value": count(trained.value),
               "reference": 0 if isinstance(reference, lora.AdaptersOff) else count(reference)}
     seconds = batches.seconds

@@ -21,7 +21,7 @@ from prefcli.config import option
 from prefcli.artifacts import (AdapterOptions, TrainingOptions, load_model_artifact, note, prepare_for_training, prepare_run,
                                save_model_artifact, train_config)
 from prefcli.model import chunked_lm_loss
-from prefcli.trainer import Trainer, unwrap
+from prefcli.trainer import Trainer
 from prefcli.workspace import Workspace
 
 
@@ -108,7 +108,7 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
         "steps": summary["steps"],
         "tokens_per_s": round(summary["tokens_per_s"]),
     }
-    save_model_artifact(ws, cfg.out, unwrap(trainer.model).float().cpu(), policy.path, kind="causal_lm", stage="align sft",
+    save_model_artifact(ws, cfg.out, trainer.full_model().float().cpu(), policy.path, kind="causal_lm", stage="align sft",
                         config=to_dict(cfg), parents=[policy.parent(), *inputs], metrics=metrics,
                         overwrite=cfg.overwrite or cfg.resume, chat=True)
     dist.barrier()

@@ -33,7 +33,7 @@ from prefcli.config import option
 from prefcli.objectives.lm import lm_loss
 from prefcli.artifacts import TrainingOptions, load_model_artifact, note, prepare_run, save_model_artifact, train_config
 from prefcli.steer import SteeredLM, Steering
-from prefcli.trainer import Trainer, unwrap
+from prefcli.trainer import Trainer
 from prefcli.workspace import Workspace
 
 
@@ -219,7 +219,7 @@ def run(cfg: SteerConfig, ws: Workspace) -> dict:
                       desc=f"steer {cfg.out}")
     device = trainer.device
     summary = trainer.train(resume=cfg.resume)
-    trained = unwrap(trainer.model)
+    trained = trainer.full_model()
     metrics = {
         "train_loss": round(summary.get("train_loss", float("nan")), 4),
         "val_loss": round(summary["val_loss"], 4) if "val_loss" in summary else None,
