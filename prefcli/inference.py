@@ -152,11 +152,15 @@ def worth_sharing(pairs: list[tuple[Encoded, Encoded]], config) -> list[bool]:
     MLP, each query-key pair `per_key` in attention (masked keys are computed too). One row
     saves the prompt's second copy, P tokens, but its attention spans the longer row:
     (P+C+R)^2 - (P+C)^2 - (P+R)^2 = 2CR - P^2 more query-key pairs. Short prompts before long
-    replies lose. This predicted the measured speed-ups within about 5% (CPU, forward and
-    backward of a DPO step, benchmarks/shared_prompt_bench.py): demo pairs on `tiny` 1.26x and
-    on `small` 1.31x (prompts 14, replies 11 and 21 tokens); `small` with prompts 57 and replies
-    29: 1.51x; prompts 3 and replies 230: 0.93x (two rows kept); SmolLM2-shaped with prompts
-    306 and replies 70: 1.54x. Padding and the fewer rows are left out (they favour one row a little).
+    replies lose. Padding, the fewer rows and the head (the same targets either way) are left out.
+    Measured, one row against two for every pair (CPU, one thread, forward and backward of a DPO
+    step, best of 5 interleaved: benchmarks/shared_prompt_bench.py), the rule picked the faster
+    side every time: demo pairs (prompts 14, replies 11 and 21 tokens) on `tiny` 1.31x and on
+    `small` 1.34x; `small` with prompts 3 / 57 / 112 and replies 30: 1.10x / 1.46x / 1.64x;
+    SmolLM2-shaped (4 layers) with prompts 306 / 77 and replies 70 / 110: 1.41x / 1.16x; kept
+    two rows: `small` with prompts 3 or 24 and replies 230-260: 0.92x, SmolLM2-shaped with
+    prompts 4 and replies 250: 0.97x. Not measured on a GPU, where the two-row path's unpadded
+    groups take SDPA's causal kernel and the [T, T] mask may cost more.
     """
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     per_token = config.hidden_size * (2 * q + 2 * kv + 3 * config.intermediate_size)
