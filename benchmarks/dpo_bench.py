@@ -64,13 +64,18 @@ def make_workspace(ws: Path, size: str) -> Path:
 
 def run_prefcli(ws: Path, data: Path, args) -> dict:
     from prefcli.stages.preference import PreferenceConfig, run
-    from prefcli.workspace import Workspace
+    from prefcli.workspace import Workspace, release_claims
 
     cfg = PreferenceConfig(method="dpo", data=[str(data)], policy="sft", max_steps=args.steps, batch_size=args.batch_size,
                            lr=5e-4, beta=0.1, rpo_alpha=0.0, guard="warn", warmup=0, save_every=0, eval_every=0, val_fraction=0.0, device="cpu",
                            overwrite=True)
     t = time.perf_counter()
-    result = run(cfg, Workspace(ws))
+    try:
+        result = run(cfg, Workspace(ws))
+    finally:
+        # The end of a command, as the CLI does: without it a second run in this process keeps the first
+        # one's claim, its new run folder is never swapped in, and metrics.jsonl below is the first run's.
+        release_claims(True)
     total = time.perf_counter() - t
     lines = [json.loads(x) for x in (ws / "runs/dpo/metrics.jsonl").read_text().splitlines() if x.strip()]
     loop = lines[-1]["elapsed"]  # the trainer's clock: the training loop only
@@ -148,6 +153,12 @@ def main() -> None:
     tok = Tokenizer(model_dir)
     items, _ = read_items(PreferenceConfig(method="dpo", data=[str(data)]), tok, 10**9)
     p_tokens = sum(len(it.chosen.ids) + len(it.rejected.ids) for it in items) / len(items)
+    # What prefcli's model runs: the prompt once where one row holds both replies (inference.worth_sharing).
+    from prefcli.inference import worth_sharing
+    from prefcli.model import load_model
+
+    share = worth_sharing([(it.chosen, it.rejected) for it in items], load_model(model_dir).config)
+    p_fed = p_tokens - sum(it.chosen.prompt_len for it, s in zip(items, share) if s) / len(items)
 
     # Several rounds, the two sides taking turns within each, best time of each kept: a burst of
     # load from other processes then hits both rather than one of them.
@@ -169,7 +180,8 @@ def main() -> None:
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"all training-loop times (s): prefcli {[round(r['loop_s'], 2) for r in res['prefcli']]}, "
           f"trl {[round(r['loop_s'], 2) for r in res['trl']]}")
-    print(f"mean tokens per pair (prompt + reply, chosen and rejected): prefcli {p_tokens:.1f}, trl {t['tokens_per_pair']:.1f}")
+    print(f"mean tokens per pair (prompt + reply, chosen and rejected): prefcli {p_tokens:.1f}, trl {t['tokens_per_pair']:.1f}"
+          f"; prefcli's model runs {p_fed:.1f} (a shared prompt once)")
     print(f"training loop:  prefcli {pairs / p['loop_s']:8.1f} pairs/s ({p['loop_s']:.2f} s)   "
           f"trl {pairs / t['loop_s']:8.1f} pairs/s ({t['loop_s']:.2f} s)   ratio {t['loop_s'] / p['loop_s']:.2f}x")
     print(f"end to end:     prefcli {pairs / p['total_s']:8.1f} pairs/s ({p['total_s']:.2f} s)   "

@@ -565,6 +565,10 @@ class Transformer(nn.Module):
         """Position ids (None: start..start+T), the SDPA mask (True = may attend), is_causal."""
         B, T = input_ids.shape
         dev = input_ids.device
+        if attention_mask is not None and attention_mask.dim() == 3:  # a full mask: the caller's layout
+            if position_ids is None or document_ids is not None or cache is not None:
+                raise ValueError("a [B, T, T] attention_mask needs position_ids, and no document_ids or KV cache")
+            return position_ids, attention_mask[:, None], False
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {start} + {T} do not fit")
@@ -626,11 +630,14 @@ class Transformer(nn.Module):
 
         attention_mask: [B, T] 1 = token, 0 = padding (left or right). Without position_ids,
         positions count real tokens only (as HF generate does), so a left-padded row gives the
-        same outputs as the row alone. document_ids: [B, T] packed documents; attention never
-        crosses documents and positions restart at each. kv_cache: append these tokens to the
-        cache and attend over everything in it. embed_offset: added to the token embeddings,
-        [B, hidden] (one vector per sequence, every token) or anything that broadcasts to
-        [B, T, hidden]; the steering of `prefcli.steer` (None: the plain model).
+        same outputs as the row alone. Or [B, T, T] bool, True where query t may attend to key
+        s, given with position_ids: a layout the other arguments cannot say (one prompt, two
+        replies: `shared_prompt_logprobs`); no query's row may be all False. document_ids:
+        [B, T] packed documents; attention never crosses documents and positions restart at
+        each. kv_cache: append these tokens to the cache and attend over everything in it.
+        embed_offset: added to the token embeddings, [B, hidden] (one vector per sequence, every
+        token) or anything that broadcasts to [B, T, hidden]; the steering of `prefcli.steer`
+        (None: the plain model).
         """
         if document_ids is not None and kv_cache is not None:
             raise ValueError("document_ids (packed training rows) cannot be used with a KV cache")
@@ -725,6 +732,55 @@ def chunked_reply_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_
 
     hidden = model(input_ids, attention_mask=attention_mask, return_hidden=True)[:, start - 1:-1]
     return selective_logprobs(hidden, _bare(model).lm_head.weight, input_ids[:, start:])
+
+
+def shared_prompt_layout(prompt_lengths: torch.Tensor, splits: torch.Tensor, lengths: torch.Tensor, T: int):
+    """Positions, attention mask and predecessors of rows that hold one prompt and two replies.
+
+    Row b: the prompt in columns [0, P), the first reply in [P, S), the second in [S, L), then
+    padding (P, S, L = prompt_lengths[b], splits[b], lengths[b]; P >= 1 when S < L). The second
+    reply is laid out as if it followed the prompt alone: its positions restart at P, and it
+    attends to the prompt and to itself, never to the first reply. A row of one plain sequence
+    has P = S = L. -> position_ids [B, T], mask [B, T, T] (True = query may attend to key), and
+    prev [B, T]: the column whose hidden state predicts each token (t - 1, but P - 1 for the
+    second reply's first token: the prompt's last state predicts both replies' first tokens).
+    """
+    idx = torch.arange(T, device=lengths.device)
+    P, S, L = prompt_lengths[:, None], splits[:, None], lengths[:, None]
+    second = (idx >= S) & (idx < L)
+    position_ids = torch.where(second, idx - S + P, idx)
+    causal = idx[:, None] >= idx[None, :]
+    same_reply = second[:, :, None] == second[:, None, :]
+    # Keys: real tokens of the prompt or of the query's own reply. Padding queries count as the
+    # first reply's and see the prompt (no query row is empty, which would give NaN).
+    mask = causal & (idx < L)[:, None, :] & ((idx < P)[:, None, :] | same_reply)
+    prev = torch.where(idx == S, P - 1, idx - 1)
+    return position_ids, mask, prev
+
+
+def shared_prompt_logprobs(model: nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                           prompt_lengths: torch.Tensor, splits: torch.Tensor,
+                           lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunked_sequence_logprobs of two replies to one prompt from one row each (the prompt runs once).
+
+    Rows as shared_prompt_layout describes them (`data.examples.pad_shared_prompt` builds them);
+    loss_mask [B, T] marks each reply's counted tokens. Equal to the two sequences prompt + first
+    and prompt + second scored apart, gradients included. model may be wrapped (DDP, compiled).
+    -> (summed log-probs [B, 2] float32: first reply, second reply; their token counts [B, 2]).
+    """
+    from prefcli.objectives.lm import selective_logprobs
+
+    B, T = input_ids.shape
+    position_ids, mask, prev = shared_prompt_layout(prompt_lengths, splits, lengths, T)
+    hidden = model(input_ids, attention_mask=mask, position_ids=position_ids, return_hidden=True)
+    idx = torch.arange(T, device=input_ids.device)
+    counted = loss_mask.bool() & (idx >= 1) & (idx < lengths[:, None])
+    rows, cols = counted.nonzero(as_tuple=True)
+    per_token = selective_logprobs(hidden[rows, prev[rows, cols]], _bare(model).lm_head.weight, input_ids[rows, cols])
+    bins = 2 * rows + (cols >= splits[rows]).long()
+    sums = torch.zeros(2 * B, dtype=torch.float32, device=hidden.device).index_add(0, bins, per_token)
+    counts = torch.zeros(2 * B, dtype=torch.long, device=hidden.device).index_add(0, bins, torch.ones_like(bins))
+    return sums.view(B, 2), counts.view(B, 2)
 
 
 # ----------------------------------------------------------------------------- save / load

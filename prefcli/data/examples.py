@@ -213,6 +213,48 @@ def pad_batch(examples: list[Encoded], pad_id: int, side: str = "right") -> dict
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
+def shares_prompt(a: Encoded, b: Encoded) -> bool:
+    """Whether a and b start with the very same prompt tokens, none of them a target: then one row
+    can hold the prompt once and both replies (pad_shared_prompt). Not so when truncation cut
+    the two prompts differently, or a chat template tokenized the prompt/reply boundary apart."""
+    p = a.prompt_len
+    return 0 < p == b.prompt_len and a.ids[:p] == b.ids[:p] and not any(a.mask[:p]) and not any(b.mask[:p])
+
+
+def pad_shared_prompt(pairs: list[tuple[Encoded, Encoded]], pad_id: int,
+                      share: list[bool] | None = None) -> dict[str, torch.Tensor]:
+    """One right-padded row per pair: prompt + first reply + second reply (`model.shared_prompt_logprobs`).
+
+    A pair that does not share its prompt (shares_prompt), or whose `share` flag is False,
+    takes two rows, one sequence each.
+    -> input_ids, loss_mask, attention_mask (1 on tokens) [R, T]; prompt_lengths, splits (where
+    the second reply starts), lengths [R]; first, second [N]: where each pair's two sequences
+    are in the flattened [R, 2] output of shared_prompt_logprobs (2 * row + part).
+    """
+    rows, first, second = [], [], []  # rows: (ids, mask, prompt length, split)
+    for i, (a, b) in enumerate(pairs):
+        if (share is None or share[i]) and shares_prompt(a, b):
+            p = a.prompt_len
+            first.append(2 * len(rows))
+            second.append(2 * len(rows) + 1)
+            rows.append((a.ids + b.ids[p:], a.mask + b.mask[p:], p, len(a.ids)))
+        else:
+            for e, where in ((a, first), (b, second)):
+                where.append(2 * len(rows))
+                rows.append((e.ids, e.mask, len(e.ids), len(e.ids)))
+    T = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)
+    loss = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (row_ids, row_mask, _, _) in enumerate(rows):
+        ids[i, :len(row_ids)] = torch.tensor(row_ids)
+        attn[i, :len(row_ids)] = 1
+        loss[i, :len(row_ids)] = torch.tensor(row_mask)
+    return {"input_ids": ids, "loss_mask": loss, "attention_mask": attn,
+            "prompt_lengths": torch.tensor([r[2] for r in rows]), "splits": torch.tensor([r[3] for r in rows]),
+            "lengths": attn.sum(-1), "first": torch.tensor(first), "second": torch.tensor(second)}
+
+
 def pack_rows(examples: list[Encoded], row_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Pack examples into rows of row_len tokens (first fit, in order) with document ids.
 

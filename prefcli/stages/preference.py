@@ -28,11 +28,11 @@ from prefcli.artifacts import (AdapterOptions, TrainingOptions, join_processes, 
 from prefcli.data import sources
 from prefcli.config import option
 from prefcli.data.demo.lineage import require_prompts_unless_demo
-from prefcli.data.examples import Encoded, Pair, encode_completion, pad_batch, pair_from_row, prompt_from_row
+from prefcli.data.examples import Encoded, Pair, encode_completion, pair_from_row, prompt_from_row
 from prefcli.data.readers import read_rows
 from prefcli.errors import PrefcliError
-from prefcli.inference import in_length_groups, length_groups, sample_ids, sequence_logps
-from prefcli.model import Transformer, chunked_sequence_logprobs
+from prefcli.inference import length_groups, pair_logprobs, pair_sequence_logps, sample_ids
+from prefcli.model import Transformer
 from prefcli.objectives.preference import METHODS, chosen_nll_loss, kto_loss, preference_loss
 from prefcli.rewards import build_rewards
 from prefcli.tokenizer import Tokenizer, same_tokenizer
@@ -177,13 +177,17 @@ def _add_kl_examples(items: list[Item], tok: Tokenizer, limits: tuple[int, int |
 
 
 # ---------------------------------------------------------------- log-probs
+def _pairs(items: list[Item]) -> list[tuple[Encoded, Encoded]]:
+    """The two sequences the loss needs of each item: chosen, and rejected (or KTO's kl row).
+
+    Both are replies to the item's prompt (kl: this prompt with another example's reply), so
+    the prompt can run once for both (inference.pair_logprobs)."""
+    return [(it.chosen, it.rejected if it.rejected is not None else it.kl) for it in items]
+
+
 def _encodings(items: list[Item]) -> list[Encoded]:
     """Every sequence the loss needs, in a fixed order: chosen, rejected (or kl) per item."""
-    out = []
-    for it in items:
-        out.append(it.chosen)
-        out.append(it.rejected if it.rejected is not None else it.kl)
-    return out
+    return [e for pair in _pairs(items) for e in pair]
 
 
 def used_items(num_items: int, max_steps: int, batch_size: int, grad_accum: int, seed: int) -> list[int]:
@@ -217,7 +221,7 @@ def reference_logps(model: Transformer, items: list[Item], pad_id: int, batch_si
         with safe_open(str(cache), framework="pt") as f:
             if (f.metadata() or {}).get("fingerprint") == fingerprint:
                 return f.get_tensor("logps")
-    logps, _ = sequence_logps(model, encs, pad_id, batch_size, device, desc="reference log-probs")
+    logps, _ = pair_sequence_logps(model, _pairs(items), batch_size, desc="reference log-probs")
     if dist.is_main():
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
@@ -268,13 +272,13 @@ def pair_accuracy(model: Transformer, ref_model: Transformer | None, items: list
     """Share of pairs whose implicit reward prefers chosen: log-ratios (or avg log-probs without a reference)."""
     if not items:
         return float("nan")
-    encs = _encodings(items)
-    lp, n = sequence_logps(model, encs, pad, batch, device, desc="held-out accuracy")
+    pairs = _pairs(items)
+    lp, n = pair_sequence_logps(model, pairs, batch, desc="held-out accuracy")
     if needs_reference and ref_logps is None and lora.has_adapters(model) and ref_model is None:
         with lora.adapters_disabled(model):  # LoRA: the starting model is the base with adapters off
-            ref_logps = sequence_logps(model, encs, pad, batch, device, desc="held-out reference")[0]
+            ref_logps = pair_sequence_logps(model, pairs, batch, desc="held-out reference")[0]
     if needs_reference:
-        ref = ref_logps if ref_logps is not None else sequence_logps(ref_model, encs, pad, batch, device, desc="held-out reference")[0]
+        ref = ref_logps if ref_logps is not None else pair_sequence_logps(ref_model, pairs, batch, desc="held-out reference")[0]
         margin = (lp[0::2] - ref[0::2]) - (lp[1::2] - ref[1::2])
     else:
         avg = lp / n.clamp(min=1)
@@ -441,23 +445,18 @@ def _batches(cfg: PreferenceConfig, train: list[Item]):
     return batches
 
 
-def _loss_fn(cfg: PreferenceConfig, spec, beta: float, opts: dict, train: list[Item], ref_logps, pad: int, device_of):
-    """The method's loss on a micro-batch of item indices: one forward pass over chosen + rejected."""
+def _loss_fn(cfg: PreferenceConfig, spec, beta: float, opts: dict, train: list[Item], ref_logps, pad: int, device_of,
+             shared: bool | None = None):
+    """The method's loss on a micro-batch of item indices: one forward pass over chosen + rejected.
+
+    shared: run each prompt once for both replies (True), twice (False), or once for the
+    pairs where that is faster (None; inference.worth_sharing)."""
 
     def loss_fn(model, idx: list[int]):
         device = device_of()
         items = [train[i] for i in idx]
-        seconds = [it.rejected if it.rejected is not None else it.kl for it in items]
-        b = pad_batch([it.chosen for it in items] + seconds, pad)
-        ids, attn, loss_mask = (b[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-
-        def logps(rows, width):
-            x = ids[rows, :width]
-            return chunked_sequence_logprobs(model, x, attention_mask=attn[rows, :width], loss_mask=loss_mask[rows, :width])
-
-        lp, n = in_length_groups(logps, attn, length_groups())
-        k = len(items)
-        pc, p2, len_c, len_2 = lp[:k], lp[k:], n[:k], n[k:]
+        pairs = _pairs(items)
+        (pc, p2), (len_c, len_2) = pair_logprobs(model, pairs, pad, device, length_groups(), shared)
         if ref_logps is not None:
             ref = ref_logps.to(device)
             sel = torch.tensor(idx, device=device)
@@ -475,6 +474,7 @@ def _loss_fn(cfg: PreferenceConfig, spec, beta: float, opts: dict, train: list[I
                 nll = chosen_nll_loss(pc[good], len_c[good])
                 loss = loss + cfg.rpo_alpha * nll
                 metrics["nll_loss"] = nll.detach()
-        return loss, {**metrics, "tokens": int(b["attention_mask"].sum())}
+        # The tokens of the sequences trained on, whether or not their prompts ran once.
+        return loss, {**metrics, "tokens": sum(len(a.ids) + len(b.ids) for a, b in pairs)}
 
     return loss_fn
