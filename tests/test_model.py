@@ -16,6 +16,7 @@ from prefcli.model import (
     load_model,
     make_config,
     save_model,
+    stacked_linear,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -270,6 +271,54 @@ def test_gradients_reach_every_projection():
     (model(x).logsumexp(-1).mean() + model.token_scores(x).mean()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert no_grad == []
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_stacked_linear_matches_separate_projections(frozen, autocast):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, out) for out in (8, 4, 4)]
+    for layer in layers:
+        layer.requires_grad_(not frozen)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    probe = torch.randn(2, 5, 16)
+
+    def grads(forward):
+        for layer in layers:
+            layer.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = forward()
+        (y.float() * probe).sum().backward()
+        return [y.float(), x.grad] + [p.grad for layer in layers for p in (layer.weight, layer.bias)]
+
+    got = grads(lambda: stacked_linear(x, *layers))
+    want = grads(lambda: torch.cat([layer(x) for layer in layers], dim=-1))
+    assert got[1].dtype == torch.float32
+    tol = 0.05 if autocast else 1e-5
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+
+
+def test_stacked_linear_keeps_no_stacked_copy_for_backward():
+    """Backward holds the layers' own weights, not a fresh torch.cat of them per call."""
+    model = randomize(Transformer(tiny_config()))
+    model.requires_grad_(False)
+    x = model.model.embed_tokens(tokens(2, 8)).requires_grad_(True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weight_shaped = []
+
+    def pack(t):
+        if t.dim() == 2:  # weights (activations here are [batch, time, features])
+            weight_shaped.append(t.untyped_storage().data_ptr() in params)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block = model.model.layers[0]
+        (block.mlp(x) + block.self_attn(x, *model._rope(None, 0, 8, 8, x.device, x.dtype), None, True, None)).sum().backward()
+    assert len(weight_shaped) >= 4 and all(weight_shaped)
 
 
 # ----------------------------------------------------------------------------- configs
