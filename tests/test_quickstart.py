@@ -44,3 +44,20 @@ def test_quickstart_fast_runs_every_stage_and_reports(cli, tmp_path, capsys):
     assert header.split() == ["model", "good", "win", "correct", "polite", "concise", "RM", "win", "KL", "dist-2", "len"]
     again = cli("-w", ws, "quickstart", "--fast")
     assert again.code == 2 and "already holds" in again.stderr and "--overwrite" in again.stderr
+
+
+def test_quickstart_precision_reaches_every_training_stage():
+    """--precision goes to pretrain, sft, reward and dpo, and their printed commands say so."""
+    from prefcli import stages
+    from prefcli.stages.quickstart import QuickstartConfig, _steps
+
+    built = {}
+    for step in _steps(QuickstartConfig(precision="bf16")):
+        options = dict(step.options)
+        method = options.pop("method", None) if step.stage == "align" else None
+        built[step.name] = (stages.build(step.stage, options, method=method), step.command)
+    for name in ("pretrain", "sft", "reward", "dpo"):
+        cfg, command = built[name]
+        assert cfg.precision == "bf16" and command.endswith("--precision bf16"), name
+    assert "--precision" not in built["rloo"][1] and "--precision" not in built["tokenize"][1]
+    assert all("--precision" not in s.command for s in _steps(QuickstartConfig()))

@@ -30,6 +30,8 @@ class QuickstartConfig:
     eval_prompts: int = option(300, "Held-out prompts for the final comparison.", ge=1)
     seed: int = option(0, "Random seed.")
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda[:N]|mps")
+    precision: str = option("auto", "Number format of pretrain, sft, reward and dpo: auto (bf16 autocast on CUDA, fp32 "
+                            "elsewhere), fp32 or bf16 (autocast on any device).", choices=["auto", "fp32", "bf16"])
     overwrite: bool = option(False, "Replace the artifacts of an earlier quickstart in the workspace.")
 
 
@@ -57,23 +59,25 @@ class Step:
 
 def _steps(cfg: QuickstartConfig) -> list[Step]:
     fast = cfg.fast
+    flag = "" if cfg.precision == "auto" else f" --precision {cfg.precision}"
     common = dict(seed=cfg.seed, device=cfg.device, overwrite=cfg.overwrite)
+    train = dict(common, precision=cfg.precision)  # the online method has no --precision (RLConfig)
     steps = [
         Step("tokenize", "prefcli tokenize", "tokenize", dict(seed=cfg.seed, overwrite=cfg.overwrite),
              lambda r: f"{r['train_tokens'] + r['val_tokens']:,} tokens, vocabulary {r['vocab_size']:,}"),
-        Step("pretrain", f"prefcli pretrain --size {cfg.size}", "pretrain",
-             dict(size=cfg.size, max_steps=20 if fast else None, eval_every=0 if fast else 100, **common),
+        Step("pretrain", f"prefcli pretrain --size {cfg.size}{flag}", "pretrain",
+             dict(size=cfg.size, max_steps=20 if fast else None, eval_every=0 if fast else 100, **train),
              lambda r: f"val loss {r['val_loss']} (unigram {r['unigram_loss']}), {r['parameters']:,} parameters"),
-        Step("sft", "prefcli align --method sft", "align", dict(method="sft", max_steps=10 if fast else None, **common),
+        Step("sft", f"prefcli align --method sft{flag}", "align", dict(method="sft", max_steps=10 if fast else None, **train),
              lambda r: f"held-out loss {r['val_loss']}"),
-        Step("reward", f"prefcli reward train --max-steps {QUICKSTART_REWARD_STEPS}", "reward train",
-             dict(max_steps=10 if fast else QUICKSTART_REWARD_STEPS, **common),
+        Step("reward", f"prefcli reward train --max-steps {QUICKSTART_REWARD_STEPS}{flag}", "reward train",
+             dict(max_steps=10 if fast else QUICKSTART_REWARD_STEPS, **train),
              lambda r: f"held-out accuracy {r.get('heldout_accuracy')}"),
     ]
     for method in cfg.methods:
         if method == "dpo":
-            steps.append(Step("dpo", "prefcli align --method dpo --rpo-alpha 1", "align",
-                              dict(method="dpo", rpo_alpha=1.0, max_steps=5 if fast else None, **common),
+            steps.append(Step("dpo", f"prefcli align --method dpo --rpo-alpha 1{flag}", "align",
+                              dict(method="dpo", rpo_alpha=1.0, max_steps=5 if fast else None, **train),
                               lambda r: f"held-out pair accuracy {r['heldout_accuracy']}"))
         else:
             steps.append(Step(method, f"prefcli align --method {method} --reward-model rm "
