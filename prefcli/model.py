@@ -474,7 +474,14 @@ class Attention(nn.Module):
             if KV != H and not _SDPA_HAS_GQA:
                 k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
             gqa = {"enable_gqa": True} if KV != H and _SDPA_HAS_GQA else {}
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
+            if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                # CPU attention in float32 under bf16 autocast: its bf16 kernel is slower (3.6x on
+                # SmolLM2's shapes, measured); q and k are float32 already (RoPE's tables).
+                with torch.autocast("cpu", enabled=False):
+                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                       is_causal=is_causal, **gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
         y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)
         out = F.linear(y, self.o_proj.weight)
         lora = adapter_term(y, self.o_proj)

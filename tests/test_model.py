@@ -414,3 +414,25 @@ def test_round_trip_in_bfloat16(tmp_path):
     x = tokens(1, 10)
     with torch.no_grad():
         assert (half(x).float() - model(x)).abs().max() < 0.05 * model(x).abs().max()
+
+
+def test_cpu_attention_runs_in_float32_under_bf16_autocast(monkeypatch):
+    """CPU's bf16 attention kernel is slower than its float32 one; the matmuls around it stay bf16."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = randomize(Transformer(tiny_config()))
+    x = tokens(2, 8)
+    want = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(x)
+    assert got.dtype == torch.bfloat16
+    assert seen[-1] == (torch.float32, torch.float32, torch.float32, False)
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)

@@ -60,4 +60,16 @@ def test_quickstart_precision_reaches_every_training_stage():
         cfg, command = built[name]
         assert cfg.precision == "bf16" and command.endswith("--precision bf16"), name
     assert "--precision" not in built["rloo"][1] and "--precision" not in built["tokenize"][1]
-    assert all("--precision" not in s.command for s in _steps(QuickstartConfig()))
+    assert all("--precision" not in s.command for s in _steps(QuickstartConfig(precision="auto", device="cuda")))
+    assert all("--precision" not in s.command for s in _steps(QuickstartConfig(precision="fp32")) if s.name in ("rloo", "tokenize"))
+
+
+def test_quickstart_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from prefcli.stages import quickstart
+
+    monkeypatch.setattr(quickstart.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(quickstart, "cpu_has_native_bf16", lambda: True)
+    assert quickstart.tour_precision(quickstart.QuickstartConfig()) == "bf16"
+    assert quickstart.tour_precision(quickstart.QuickstartConfig(precision="fp32")) == "fp32"
+    monkeypatch.setattr(quickstart, "cpu_has_native_bf16", lambda: False)
+    assert quickstart.tour_precision(quickstart.QuickstartConfig()) == "auto"
