@@ -142,6 +142,16 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def training_autocast(precision: str, device: torch.device):
+    """The number format of training as a context: bf16 autocast (`bf16`, or `auto` on CUDA) or none.
+    Passes whose numbers meet the trained model's, like DPO's reference log-probs, run in it too."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise PrefcliError(f"--precision {precision}: unknown", "choose auto, fp32 or bf16")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for 0-based step `step`: linear warmup over `warmup` steps
     (lr * (step+1)/warmup), then a cosine from lr down to lr * min_lr_ratio, reached
@@ -266,15 +276,9 @@ class Trainer:
             self.ddp = trained = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.trained = torch.compile(trained) if cfg.compile else trained
-        if cfg.precision not in ("auto", "fp32", "bf16"):
-            raise PrefcliError(f"--precision {cfg.precision}: unknown", "choose auto, fp32 or bf16")
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        training_autocast(cfg.precision, self.device)  # refuses an unknown --precision now
         self.reporters = []  # opened when training starts (prefcli.tracking)
-        self.autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
-            if bf16
-            else contextlib.nullcontext
-        )
+        self.autocast = lambda: training_autocast(cfg.precision, self.device)
 
     def full_model(self) -> nn.Module:
         """The trained module whole, as a plain module on every rank: the bare model, or under

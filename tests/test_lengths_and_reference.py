@@ -59,3 +59,26 @@ def test_sft_max_length_counts_truncated_conversations(cli, chat_ws):
     assert r.json()["truncated"] == 4 and "longer than --max-length (12 tokens)" in r.stderr
     r = cli("-w", ws, "align", "--method", "sft", "--data", files["chats"], "--max-prompt-length", "4")
     assert r.code == 2 and "--max-prompt-length: does not apply to --method sft" in r.stderr
+
+
+def test_reference_log_probs_are_computed_in_the_training_number_format(cli, chat_ws, tmp_path):
+    """Under --precision bf16 the policy runs in bf16 autocast, so its reference must too (else
+    the log-ratio at step 0 is bf16 rounding, not zero); fp32 training keeps an fp32 reference."""
+    import torch
+    from safetensors import safe_open
+
+    from conftest import CHAT_LINES, write_jsonl
+
+    ws, _ = chat_ws
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": q, "chosen": a, "rejected": "No."} for q, a in CHAT_LINES])
+    caches = {}
+    for precision in ("fp32", "bf16"):
+        r = cli("-w", ws, "align", "--method", "dpo", "--policy", "base", "--data", pairs, "--max-steps", "1",
+                "--batch-size", "4", "--val-fraction", "0", "--precision", precision, "--out", f"dpo-{precision}")
+        assert r.code == 0, r.stderr
+        with safe_open(str(ws / f"runs/dpo-{precision}/reference_logps.safetensors"), "pt") as f:
+            caches[precision] = f.get_tensor("logps")
+    used = ~caches["fp32"].isnan()
+    fp32, bf16 = caches["fp32"][used], caches["bf16"][used]
+    assert not torch.equal(fp32, bf16)  # computed in bf16, not copied from an fp32 pass
+    torch.testing.assert_close(bf16, fp32, atol=0.5, rtol=0.05)  # the same numbers, to bf16's precision
