@@ -62,7 +62,7 @@ class Step:
 
 def tour_precision(cfg: QuickstartConfig) -> str:
     """The tour's number format. On a CPU that multiplies bf16 natively the tour trains in bf16
-    autocast: 2 min 16 s instead of 3 min 19 s on the 2-core machine, dpo gold win 0.79 either way
+    autocast: 2 min 16-30 s instead of 3 min 19 s on the 2-core machine, dpo gold win 0.79 either way
     (benchmarks/README.md). The stages' own `auto` stays fp32 on CPU; the tour shows the flag."""
     if cfg.precision == "auto" and cfg.device in ("auto", "cpu") and not torch.cuda.is_available() \
             and cpu_has_native_bf16():
