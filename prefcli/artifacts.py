@@ -28,6 +28,12 @@ def fsdp_option():
                          "instead of a full copy on each (DDP).")
 
 
+def lr_option(stage_lr: float, **kw):
+    """--lr: None means the stage's rate for the model being trained (`default_lr`)."""
+    return option(None, "Peak learning rate (warmup, then cosine decay).", gt=0,
+                  default_text=f"{stage_lr:g}, less in full fine-tuning over 2M parameters", **kw)
+
+
 @dataclass
 class TrainingOptions:
     """The options every training stage shares (README: "Training options").
@@ -39,7 +45,7 @@ class TrainingOptions:
     epochs: float | None = option(None, "Passes over the data (when --max-steps is not given).", gt=0, default_text="off")
     batch_size: int = option(32, "Examples per micro-batch (per process).", ge=1)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", ge=1)
-    lr: float = option(1e-3, "Peak learning rate (warmup, then cosine decay).", gt=0)
+    lr: float | None = lr_option(1e-3)
     warmup: int = option(10, "Warmup steps.", ge=0)
     weight_decay: float = option(0.0, ge=0)
     eval_every: int = option(50, "Validate every N steps (and at the end); 0: only at the end.", ge=0)
@@ -157,12 +163,33 @@ def join_processes(device: str = "auto") -> None:
     dist.init_distributed(resolve_device(device))
 
 
+# The stages' learning rates were measured on the demo's ~1M-parameter models. Full fine-tuning
+# of a bigger pretrained model at those rates overwrites what it knew: SmolLM2-135M after 30 DPO
+# steps at 5e-4 on review pairs scored 100% of held-out pairs and answered "Name three primary
+# colors." with "Yes, the reviewer liked the AI because it is possible." LoRA trains a small
+# update and keeps the rate (the same run with LoRA r16: 100%, general answers unchanged).
+LR_MEASURED_UP_TO = 2_000_000  # parameters
+LR_SCALE_POWER = 1.0
+
+
+def default_lr(stage_lr: float, model: torch.nn.Module | None) -> float:
+    """The stage's learning rate for this model when --lr is not given: as measured for LoRA, for
+    training from scratch (no model) and up to LR_MEASURED_UP_TO parameters; below it, in full
+    fine-tuning, in proportion to size^-LR_SCALE_POWER (135M parameters: 5e-4 -> 7.4e-6)."""
+    if model is None or lora.has_adapters(model):
+        return stage_lr
+    n = sum(p.numel() for p in model.parameters())
+    return stage_lr * min(1.0, LR_MEASURED_UP_TO / n) ** LR_SCALE_POWER
+
+
 def train_config(cfg, num_examples: int | None = None, default_steps: int = 100,
-                 default_epochs: float | None = None) -> TrainConfig:
+                 default_epochs: float | None = None, *, stage_lr: float = 1e-3,
+                 model: torch.nn.Module | None = None) -> TrainConfig:
     """The Trainer's config from a stage config's shared training options.
 
     --max-steps wins; else --epochs over `num_examples`; else the stage's default passes over
     its data (`default_epochs`: 1,900 pairs get a tenth of the steps of 19,000); else default_steps.
+    --lr wins; else the stage's rate for `model` (`default_lr`).
     """
     epochs = getattr(cfg, "epochs", None)
     if epochs is None and cfg.max_steps is None:
@@ -176,7 +203,8 @@ def train_config(cfg, num_examples: int | None = None, default_steps: int = 100,
     if steps < 1:
         raise PrefcliError(f"--max-steps {steps}: must be at least 1")
     return TrainConfig(
-        max_steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup=cfg.warmup,
+        max_steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        lr=cfg.lr if cfg.lr is not None else default_lr(stage_lr, model), warmup=cfg.warmup,
         eval_every=cfg.eval_every, save_every=cfg.save_every, seed=cfg.seed, device=cfg.device,
         compile=cfg.compile, fsdp=getattr(cfg, "fsdp", False), precision=getattr(cfg, "precision", "auto"),
         report_to=tuple(tracking.check(list(getattr(cfg, "report_to", ()) or ()))),

@@ -60,7 +60,7 @@ def test_every_option_of_a_stage_shows_its_default_and_each_command_an_example()
 def test_help_lists_choices_and_panels_and_h_is_help(cli):
     pretrain = cli("pretrain", "--help")
     assert pretrain.code == 0 and "tiny|small|base|gpt2" in pretrain.stdout
-    assert "auto|cpu|cuda[:N]|mps" in pretrain.stdout and "[default: 0.003]" in pretrain.stdout
+    assert "auto|cpu|cuda[:N]|mps" in pretrain.stdout and "[default: 0.003, less in full" in pretrain.stdout
     assert cli("pretrain", "-h").stdout == pretrain.stdout
     assert cli("-h").stdout == cli("--help").stdout and "align" in cli("-h").stdout
 

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from prefcli import distributed as dist
 from prefcli import lora
 from prefcli.config import to_dict
-from prefcli.artifacts import (AdapterOptions, TrainingOptions, join_processes, load_model_artifact, note, prepare_for_training,
+from prefcli.artifacts import (AdapterOptions, TrainingOptions, join_processes, load_model_artifact, lr_option, note, prepare_for_training,
                                prepare_run, save_model_artifact, train_config)
 from prefcli.data import sources
 from prefcli.config import option
@@ -43,6 +43,9 @@ from prefcli.workspace import Workspace
 def _method_defaults(option_name: str) -> str:
     """--help's default of a loss option: each method's that takes it."""
     return ", ".join(f"{m} {spec.defaults[option_name]}" for m, spec in METHODS.items() if option_name in spec.defaults)
+
+
+STAGE_LR = 5e-4  # measured on the demo with --rpo-alpha 1: win rate over sft 0.66 at 1e-4/120 steps, 0.77 at 5e-4/300
 
 
 @dataclass
@@ -87,7 +90,7 @@ class PreferenceConfig(TrainingOptions, AdapterOptions):
                                     default_text="the model's context", panel="LoRA and memory")
     max_prompt_length: int | None = option(None, "Prompt tokens kept (its last ones).", ge=1, default_text="no limit",
                                            panel="LoRA and memory")
-    lr: float = 5e-4  # measured on the demo with --rpo-alpha 1: win rate over sft 0.66 at 1e-4/120 steps, 0.77 at 5e-4/300
+    lr: float | None = lr_option(STAGE_LR)
     eval_every: int = 0
 
     def resolved(self) -> "PreferenceConfig":
@@ -350,7 +353,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
         on_demo = sources.use_demo(cfg.data) and not cfg.pairs_from_policy
         train, val = sources.split_val(items, 0.0 if on_demo else cfg.val_fraction, cfg.seed)
         ref_logps = None
-        tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS)
+        tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS, stage_lr=STAGE_LR, model=model)
         if spec.needs_reference:
             ref = (ref_model or model).to(device)
             used = used_items(len(train), tcfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.seed)
@@ -361,7 +364,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
                                             run_dir / "reference_logps.safetensors", used)
         if ref_model is not None:
             ref_model.cpu()  # off the device while the policy trains
-        guard = preference_guard(cfg)
+        guard = preference_guard(cfg, tcfg.lr)
         trainer = Trainer(model, guard.watch(_loss_fn(cfg, spec, beta, opts, train, ref_logps, tok.pad_id, lambda: trainer.device)),
                           _batches(cfg, train), tcfg, run_dir, desc=f"{cfg.method} {out}" + (f" round {rnd}" if cfg.rounds > 1 else ""))
         resume_round = cfg.resume and bool(_checkpoints(run_dir))
@@ -395,10 +398,10 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
     return result
 
 
-def preference_guard(cfg: PreferenceConfig):
+def preference_guard(cfg: PreferenceConfig, lr: float):
     from prefcli.guard import CollapseGuard
 
-    fix = "--rpo-alpha 1 or a lower --lr" if not cfg.rpo_alpha else f"a lower --lr (now {cfg.lr:g}) or a higher --rpo-alpha"
+    fix = "--rpo-alpha 1 or a lower --lr" if not cfg.rpo_alpha else f"a lower --lr (now {lr:g}) or a higher --rpo-alpha"
     return CollapseGuard(cfg.guard, "preference", fix)
 
 

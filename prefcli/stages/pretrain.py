@@ -22,7 +22,7 @@ from prefcli.data.tokens import TokenArray
 from prefcli.errors import PrefcliError
 from prefcli.generate import generate
 from prefcli.model import Transformer, count_parameters, make_config
-from prefcli.artifacts import TrainingOptions, load_model_artifact, load_token_dataset, prepare_run, save_model_artifact, sync_token_ids, train_config
+from prefcli.artifacts import TrainingOptions, load_model_artifact, lr_option, load_token_dataset, prepare_run, save_model_artifact, sync_token_ids, train_config
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer
 from prefcli.workspace import Workspace, parent_ref
@@ -44,8 +44,8 @@ class PretrainConfig(TrainingOptions):
     ffn_dim: int | None = option(None, "MLP hidden size.", ge=1, default_text="the preset's")
     context: int | None = option(None, "Context length in tokens.", ge=2, default_text="the preset's")
     tokens: int | None = option(None, "Train on this many tokens (instead of --max-steps).", ge=1, default_text="off")
+    lr: float | None = lr_option(3e-3)
     batch_size: int = 16
-    lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.1
     eval_every: int = 100
@@ -115,7 +115,8 @@ def run(cfg: PretrainConfig, ws: Workspace) -> dict:
         steps = (max(1, math.ceil(budget / tokens_per_step)) if budget is not None
                  else default_steps(len(train_ids), count_parameters(model), tokens_per_step))
         steps_cfg = dataclasses.replace(cfg, max_steps=steps)
-    tcfg = train_config(steps_cfg)
+    # from scratch: the measured 3e-3; continued from --init: as fine-tuning, lower for a big model
+    tcfg = train_config(steps_cfg, stage_lr=3e-3, model=model if cfg.init else None)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
 
     def batches(step: int, micro: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from prefcli import distributed as dist
 from prefcli.config import to_dict
-from prefcli.artifacts import (AdapterOptions, TrainingOptions, load_model_artifact, note, prepare_for_training, prepare_run,
+from prefcli.artifacts import (AdapterOptions, TrainingOptions, load_model_artifact, lr_option, note, prepare_for_training, prepare_run,
                                save_model_artifact, train_config)
 from prefcli.data import sources
 from prefcli.data.examples import Pair, encode_completion, pad_batch, pair_from_row, prompt_from_row
@@ -29,6 +29,9 @@ from prefcli.objectives.reward import bradley_terry_loss
 from prefcli.tokenizer import Tokenizer
 from prefcli.trainer import Trainer
 from prefcli.workspace import Workspace, check_output_file
+
+
+STAGE_LR = 5e-4  # --lr when not given (full fine-tuning of a bigger model: `default_lr`)
 
 
 @dataclass
@@ -43,7 +46,7 @@ class RewardConfig(TrainingOptions, AdapterOptions):
                                     default_text="the model's context", panel="LoRA and memory")
     max_prompt_length: int | None = option(None, "Prompt tokens kept (its last ones).", ge=1, default_text="no limit",
                                            panel="LoRA and memory")
-    lr: float = 5e-4
+    lr: float | None = lr_option(STAGE_LR)
 
 
 # ~3.4 passes over the 24,000 demo reward pairs at batch 32: judging correctness (a sum, a fact,
@@ -101,7 +104,7 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
     heldout = sources.heldout_pairs(cfg.data)  # on the demo: its held-out pairs, prompts never trained on
     if heldout is not None:
         heldout, _ = encode_pairs(tok, heldout, context)
-    tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS)
+    tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS, stage_lr=STAGE_LR, model=model)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
     pad = tok.pad_id
 

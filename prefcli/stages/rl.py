@@ -41,7 +41,7 @@ import torch.nn as nn
 from prefcli import distributed as dist
 from prefcli import lora
 from prefcli.config import to_dict
-from prefcli.artifacts import (AdapterOptions, fsdp_option, load_model_artifact, note, prepare_for_training, prepare_run,
+from prefcli.artifacts import (AdapterOptions, default_lr, fsdp_option, load_model_artifact, note, prepare_for_training, prepare_run,
                                save_model_artifact)
 from prefcli.data import sources
 from prefcli.config import option
@@ -130,7 +130,8 @@ class RLConfig(AdapterOptions):
     batch_size: int | None = option(None, "Replies per micro-batch per process (num-generations per prompt).", ge=1,
                                     default_text=_per_method("batch_size"))
     grad_accum: int = option(1, "Micro-batches per optimizer step.", ge=1)
-    lr: float | None = option(None, "Peak learning rate (warmup, then cosine decay).", gt=0, default_text=_per_method("lr"))
+    lr: float | None = option(None, "Peak learning rate (warmup, then cosine decay).", gt=0,
+                              default_text=_per_method("lr") + ", less in full fine-tuning over 2M parameters")
     warmup: int = option(0, "Warmup steps.", ge=0)
     weight_decay: float = option(0.0, ge=0)
     save_every: int = option(20, "Checkpoint every N steps (and at the end); 0: only at the end.", ge=0)
@@ -148,6 +149,8 @@ class RLConfig(AdapterOptions):
         if cfg.method not in RL_METHODS:
             raise PrefcliError(f"--method {cfg.method}: not an online RL method", f"choose one of {', '.join(RL_METHODS)}")
         for name, value in METHOD_DEFAULTS[cfg.method].items():
+            if name == "lr":  # filled in by `default_lr` once the policy is loaded (it depends on its size)
+                continue
             if getattr(cfg, name) is None and not (name == "epochs" and cfg.max_steps is not None):
                 setattr(cfg, name, value)
         if cfg.method == "ppo":
@@ -349,7 +352,8 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
     if given_steps not in (None, steps) or given_save != save_every:
         note(f"note: with --ppo-epochs {cfg.ppo_epochs}, steps and checkpoints fall on whole batches of rollouts: "
              f"--max-steps {steps}, --save-every {save_every}")
-    tcfg = TrainConfig(max_steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
+    lr = cfg.lr if cfg.lr is not None else default_lr(METHOD_DEFAULTS[cfg.method]["lr"], model)
+    tcfg = TrainConfig(max_steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=lr,
                        warmup=cfg.warmup, weight_decay=cfg.weight_decay, save_every=save_every, seed=cfg.seed,
                        device=cfg.device, compile=cfg.compile, fsdp=cfg.fsdp)
 
