@@ -124,9 +124,7 @@ def test_run_skip_and_rerun_what_changed(cli, tmp_path, data):
     assert r.code == 0, r.stderr
     stages = r.json()["stages"]
     assert [s["action"] for s in stages] == ["skip", "skip", "re-run", "re-run", "re-run", "re-run"]
-    from prefcli.stages.sft import SFTConfig
-
-    assert stages[2]["reason"] == f"config changed (lr: {SFTConfig().lr} -> 0.01)"
+    assert stages[2]["reason"] == "config changed (lr: null -> 0.01)"  # null: the stage's rate for the model
     assert [s["reason"] for s in stages[3:5]] == ["input rebuilt (models/sft)"] * 2  # rm's backbone, dpo's policy
     assert {s["status"] for s in stages} == {"planned"}
     assert tree_snapshot(ws) == snapshot
@@ -296,7 +294,9 @@ def test_stages_that_fill_in_defaults_are_still_up_to_date(cli, tmp_path, chat_w
                     'reward-fn = ["demo"], max-steps = 1, ppo-epochs = 2, num-generations = 2, batch-size = 2, max-tokens = 4 }\n')
     assert plan(cli("-w", ws, "pipeline", "run", path, "--json")) == [("run", "ok")] * 2
     recorded = json.loads((ws / "models/grpo/meta.json").read_text())["config"]
-    assert recorded["max_steps"] == 2 and recorded["kl_coef"] is not None and recorded["lr"] is not None
+    assert recorded["max_steps"] == 2 and recorded["kl_coef"] is not None
+    assert recorded["lr"] is None  # the method's rate for this model (`default_lr`), in its metrics
+    assert json.loads((ws / "models/grpo/meta.json").read_text())["metrics"]["lr"] == 2e-4
     assert json.loads((ws / "models/dpo/meta.json").read_text())["config"]["beta"] == 0.1
     r = cli("-w", ws, "pipeline", "run", path, "--dry-run", "--json")
     assert [(s["action"], s["reason"]) for s in r.json()["stages"]] == [("skip", "up to date")] * 2

@@ -384,6 +384,7 @@ def run(cfg: PreferenceConfig, ws: Workspace) -> dict:
         "pairs": len(train),
         "truncated": truncated,
         "steps": summary.get("steps"),
+        "lr": float(f"{tcfg.lr:.3g}"),  # the peak rate trained with (`default_lr` when --lr was not given)
         **{k: round(v, 4) for k, v in summary.items() if k.startswith(("rewards/", "logps/"))},
         **guard.summary(),
     }

@@ -139,6 +139,7 @@ def run(cfg: RewardConfig, ws: Workspace) -> dict:
         "val_accuracy": summary.get("val_accuracy"),
         "pairs": len(train),
         "steps": summary["steps"],
+        "lr": float(f"{tcfg.lr:.3g}"),  # the peak rate trained with (`default_lr` when --lr was not given)
     }
     if heldout is not None:
         c, r = score_pairs(bare, heldout, pad, cfg.batch_size)

@@ -377,6 +377,7 @@ def run(cfg: RLConfig, ws: Workspace) -> dict:
     metrics = {
         "train_loss": round(summary.get("train_loss", float("nan")), 4),
         "steps": summary.get("steps"),  # also when --epochs set them
+        "lr": float(f"{tcfg.lr:.3g}"),  # the peak rate trained with (`default_lr` when --lr was not given)
         "reward_first": round(lines[0]["reward"], 4) if lines and "reward" in lines[0] else None,
         **{k: round(last[k], 4) for k in keep if k in last},
         **{k: round(v, 4) for k, v in last.items() if k.startswith("reward/")},

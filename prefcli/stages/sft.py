@@ -106,6 +106,7 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
         "val_examples": len(val),
         "truncated": truncated,
         "steps": summary["steps"],
+        "lr": float(f"{tcfg.lr:.3g}"),  # the peak rate trained with (`default_lr` when --lr was not given)
         "tokens_per_s": round(summary["tokens_per_s"]),
     }
     save_model_artifact(ws, cfg.out, trainer.full_model().float().cpu(), policy.path, kind="causal_lm", stage="align sft",
