@@ -28,6 +28,9 @@ def fsdp_option():
                          "instead of a full copy on each (DDP).")
 
 
+TRAINING_LR = 1e-3  # --lr of the stages that keep the shared default (sft, steer)
+
+
 def lr_option(stage_lr: float, **kw):
     """--lr: None means the stage's rate for the model being trained (`default_lr`)."""
     return option(None, "Peak learning rate (warmup, then cosine decay).", gt=0,
@@ -45,7 +48,7 @@ class TrainingOptions:
     epochs: float | None = option(None, "Passes over the data (when --max-steps is not given).", gt=0, default_text="off")
     batch_size: int = option(32, "Examples per micro-batch (per process).", ge=1)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", ge=1)
-    lr: float | None = lr_option(1e-3)
+    lr: float | None = lr_option(TRAINING_LR)
     warmup: int = option(10, "Warmup steps.", ge=0)
     weight_decay: float = option(0.0, ge=0)
     eval_every: int = option(50, "Validate every N steps (and at the end); 0: only at the end.", ge=0)
@@ -174,7 +177,7 @@ LR_SCALE_POWER = 1.0
 
 def default_lr(stage_lr: float, model: torch.nn.Module | None) -> float:
     """The stage's learning rate for this model when --lr is not given: as measured for LoRA, for
-    training from scratch (no model) and up to LR_MEASURED_UP_TO parameters; below it, in full
+    training from scratch (no model) and up to LR_MEASURED_UP_TO parameters; above that, in full
     fine-tuning, in proportion to size^-LR_SCALE_POWER (135M parameters: 5e-4 -> 7.4e-6)."""
     if model is None or lora.has_adapters(model):
         return stage_lr
@@ -183,7 +186,7 @@ def default_lr(stage_lr: float, model: torch.nn.Module | None) -> float:
 
 
 def train_config(cfg, num_examples: int | None = None, default_steps: int = 100,
-                 default_epochs: float | None = None, *, stage_lr: float = 1e-3,
+                 default_epochs: float | None = None, *, stage_lr: float = TRAINING_LR,
                  model: torch.nn.Module | None = None) -> TrainConfig:
     """The Trainer's config from a stage config's shared training options.
 

@@ -28,6 +28,7 @@ from prefcli.trainer import Trainer
 from prefcli.workspace import Workspace, parent_ref
 
 VAL_WINDOWS = 64  # validation windows (fixed, non-overlapping): enough for a steady val loss
+PRETRAIN_LR = 3e-3  # --lr when not given
 
 
 @dataclass
@@ -44,7 +45,7 @@ class PretrainConfig(TrainingOptions):
     ffn_dim: int | None = option(None, "MLP hidden size.", ge=1, default_text="the preset's")
     context: int | None = option(None, "Context length in tokens.", ge=2, default_text="the preset's")
     tokens: int | None = option(None, "Train on this many tokens (instead of --max-steps).", ge=1, default_text="off")
-    lr: float | None = lr_option(3e-3)
+    lr: float | None = lr_option(PRETRAIN_LR)
     batch_size: int = 16
     warmup: int = 30
     weight_decay: float = 0.1
@@ -115,8 +116,8 @@ def run(cfg: PretrainConfig, ws: Workspace) -> dict:
         steps = (max(1, math.ceil(budget / tokens_per_step)) if budget is not None
                  else default_steps(len(train_ids), count_parameters(model), tokens_per_step))
         steps_cfg = dataclasses.replace(cfg, max_steps=steps)
-    # from scratch: the measured 3e-3; continued from --init: as fine-tuning, lower for a big model
-    tcfg = train_config(steps_cfg, stage_lr=3e-3, model=model if cfg.init else None)
+    # from scratch: the measured rate; continued from --init: as fine-tuning, lower for a big model
+    tcfg = train_config(steps_cfg, stage_lr=PRETRAIN_LR, model=model if cfg.init else None)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
 
     def batches(step: int, micro: int) -> torch.Tensor:

@@ -61,7 +61,7 @@ def run(cfg: SFTConfig, ws: Workspace) -> dict:
     if not encoded:
         raise PrefcliError("--data: no conversation has an assistant token within the context", "use shorter conversations")
     train, val = sources.split_val(encoded, cfg.val_fraction, cfg.seed)
-    tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS, stage_lr=1e-3, model=model)
+    tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS, model=model)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
     pad = tok.pad_id
 

@@ -174,7 +174,7 @@ def run(cfg: SteerConfig, ws: Workspace) -> dict:
     train, val = split_val(encoded, cfg.val_fraction, cfg.seed)
     label_mean = [sum(v[k] for _, v in train) / len(train) for k in range(len(attributes))]
     steering = Steering(attributes, model.config.hidden_size, sources=sources, label_mean=label_mean)
-    tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS, stage_lr=1e-3, model=model)
+    tcfg = train_config(cfg, len(train), DEFAULT_STEPS, DEFAULT_EPOCHS, model=model)
     run_dir = prepare_run(ws, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, config=to_dict(cfg))
     pad = tok.pad_id
 
